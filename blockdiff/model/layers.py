@@ -1,0 +1,130 @@
+"""Building blocks of a DiffusionGemma layer: RMSNorm, rotary tables, dense MLP, router and experts.
+
+Numerics follow transformers 5.23.0 (see shared/SPEC.md sections 3 and 8) so that fp32 matches to
+~1e-6 and bf16 is bit-exact against its eager backends:
+- RMSNorm computes in fp32 with `pow(mean(x^2) + eps, -0.5)` and a plain `w` scale (not `1 + w`).
+- RoPE tables are built in fp32 from positions and cast once to the activation dtype.
+- The router normalises and scales in the activation dtype, takes softmax/top-k in fp32.
+- Experts accumulate in the activation dtype, ascending expert id (the reference's eager order).
+Module and parameter names equal the checkpoint's, so loading is a plain name copy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FULL, ModelConfig
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim; `with_scale=False` is the weight-free variant (v_norm, router.norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+class Rotary:
+    """Per-layer-type RoPE frequencies. Not an nn.Module on purpose: `inv_freq` must stay fp32 when
+    the model is cast to bf16 (transformers keeps it fp32 in `from_pretrained(dtype=bf16)`)."""
+
+    def __init__(self, config: ModelConfig):
+        self.inv_freq: dict[str, torch.Tensor] = {}
+        for kind in set(config.layer_types):
+            dim = config.global_head_dim if kind == FULL else config.head_dim
+            params = config.rope_parameters[kind]
+            theta = float(params.get("rope_theta", 10_000.0))
+            # default: 1/theta^(2j/D) for all D/2 pairs; proportional: only the first
+            # int(p*D//2) pairs rotate (exponent still over the full D), the rest get frequency 0.
+            inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+            if params.get("rope_type", "default") == "proportional":
+                rotated = int(params.get("partial_rotary_factor", 1.0) * dim // 2)
+                inv[rotated:] = 0.0
+                inv = inv / float(params.get("factor", 1.0))
+            self.inv_freq[kind] = inv
+
+    def cos_sin(self, kind: str, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, S) int -> cos, sin (B, S, 1, D) in `dtype`, ready to broadcast over heads."""
+        inv = self.inv_freq[kind].to(positions.device)
+        freqs = positions.float()[..., None] * inv          # (B, S, D/2) fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotation (not interleaved): x (B, S, H, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class MLP(nn.Module):
+    """Gated GELU-tanh MLP: down(gelu(gate(x)) * up(x)). Used as the dense 'shared expert'."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k expert choice from the *un-normalised* residual stream."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.top_k_experts
+        self.root_size = config.hidden_size ** -0.5
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, H) -> weights (T, k) fp32, expert ids (T, k)."""
+        z = self.norm(x) * self.scale * self.root_size
+        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        weights, idx = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """E gated-GELU experts stored as stacked weights: gate_up (E, 2*I, H), down (E, H, I)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x (T, H), weights/idx (T, k) -> (T, H). Loops over the experts that received tokens."""
+        out = torch.zeros_like(x)
+        num_experts = self.gate_up_proj.shape[0]
+        # (E, T) counts; one host sync to learn which experts are hit keeps the loop short.
+        hit = torch.zeros(num_experts, dtype=torch.bool, device=x.device)
+        hit[idx.reshape(-1)] = True
+        for e in hit.nonzero().flatten().tolist():
+            token, slot = torch.where(idx == e)
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+            y = y * weights[token, slot, None]                  # fp32 routing weight
+            out.index_add_(0, token, y.to(out.dtype))
+        return out

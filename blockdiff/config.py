@@ -140,7 +140,12 @@ class ModelConfig:
         missing = [k for k in REQUIRED if text.get(k) is None]
         if missing:
             raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
-        kwargs = _text_kwargs(text)
+        try:
+            kwargs = _text_kwargs(text)
+        except (TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"bad text_config in config.json: {err}") from None
         kwargs["canvas_length"] = top.pop("canvas_length", 256)
         kwargs["dtype"] = str(top.pop("dtype", None) or top.pop("torch_dtype", None) or "float32")
         kwargs["model_eos_token_id"] = top.pop("eos_token_id", None)
@@ -201,9 +206,11 @@ def _text_kwargs(text: dict[str, Any]) -> dict[str, Any]:
                                                      "model_eos_token_id", "vision_config"}
     kwargs = {k: text.pop(k) for k in list(text) if k in known}
     layer_types = kwargs.get("layer_types")
+    if layer_types is not None and len(layer_types) != kwargs.get("num_hidden_layers", len(layer_types)):
+        layer_types = None     # validate() reports the length mismatch with a clearer message
     for idx, override in per_layer.items():
         idx = int(idx)
-        if layer_types is not None and layer_types[idx] != FULL:
+        if layer_types is not None and (idx >= len(layer_types) or layer_types[idx] != FULL):
             raise ConfigError(f"per_layer_config overrides layer {idx}, which is not a full-attention layer")
         if "head_dim" in override:
             kwargs["global_head_dim"] = override["head_dim"]

@@ -105,28 +105,38 @@ class DiffusionGemma(nn.Module):
             h = layer(h, *tables[kind], ctx, scalar)
         return h
 
+    def encode_with(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttnContext,
+                    need_hidden: bool = False) -> torch.Tensor | None:
+        """Causal pass over (B, S) new tokens at `positions` (B or 1, S); `ctx` writes their K/V.
+        Returns final-normed hidden states only if `need_hidden` (AR loss / AR decoding)."""
+        h = self.run_layers(self.embed(input_ids), positions, ctx, "encoder")
+        return self.norm(h) if need_hidden else None
+
+    def denoise_with(self, canvas_ids: torch.Tensor, positions: torch.Tensor, ctx: AttnContext,
+                     soft_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional pass over a (B, C) canvas. soft_embeds (B, C, H) or None (first step).
+        Returns final-normed hidden states (B, C, H)."""
+        h0 = self.self_conditioning(self.embed(canvas_ids), soft_embeds)
+        return self.norm(self.run_layers(h0, positions, ctx, "decoder"))
+
     def encode(self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
                need_hidden: bool = False) -> torch.Tensor | None:
-        """Causal pass over (B, S) new tokens at positions cache.length + arange(S); writes K/V.
-        attention_mask (B, S) marks real tokens (False = left pad). Returns final-normed hidden
-        states only if `need_hidden` (the AR loss and AR decoding need them, generation does not)."""
+        """`encode_with` on a simple KVCache: tokens go at cache.length + arange(S).
+        attention_mask (B, S) marks real tokens (False = left pad)."""
         start, s = cache.length, input_ids.shape[1]
         if attention_mask is not None:
             cache.valid[:, start:start + s] = attention_mask.bool()
         positions = torch.arange(start, start + s, device=input_ids.device)[None]
         ctx = EncodeContext(cache, start, s, self.config.sliding_window, self.dtype)
-        h = self.run_layers(self.embed(input_ids), positions, ctx, "encoder")
+        out = self.encode_with(input_ids, positions, ctx, need_hidden)
         cache.length = start + s
-        return self.norm(h) if need_hidden else None
+        return out
 
     def denoise(self, canvas_ids: torch.Tensor, cache: KVCache, soft_embeds: torch.Tensor | None = None):
-        """Bidirectional pass over a (B, C) canvas placed right after the cached context.
-        soft_embeds (B, C, H) or None (first step). Returns final-normed hidden states (B, C, H)."""
-        ctx_len, c = cache.length, canvas_ids.shape[1]
-        positions = torch.arange(ctx_len, ctx_len + c, device=canvas_ids.device)[None]
-        h0 = self.self_conditioning(self.embed(canvas_ids), soft_embeds)
+        """`denoise_with` on a simple KVCache: the canvas sits right after the cached context."""
+        positions = torch.arange(cache.length, cache.length + canvas_ids.shape[1], device=canvas_ids.device)[None]
         ctx = DecodeContext(cache, self.config.sliding_window, self.dtype)
-        return self.norm(self.run_layers(h0, positions, ctx, "decoder"))
+        return self.denoise_with(canvas_ids, positions, ctx, soft_embeds)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head in the model dtype, then an fp32 tanh softcap. (…, H) -> (…, V) fp32."""

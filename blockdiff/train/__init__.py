@@ -1,0 +1,1 @@
+"""Training: corpus and tokenizer building (data), objective and trainer."""

@@ -14,6 +14,7 @@ import torch
 
 from .diffusion.params import DiffusionParams
 from .diffusion.reference import reference_generate
+from .engine.output import TextState
 from .model.transformer import DiffusionGemma
 from .tokenizer import Tokenizer
 
@@ -24,20 +25,6 @@ class TextResult:
     token_ids: list[int]
     finish_reason: str                      # "stop" | "length"
     steps_per_canvas: list[int] = field(default_factory=list)
-
-
-def truncate(ids: list[int], max_tokens: int, eos_ids: set[int]) -> tuple[list[int], str]:
-    """Cut generated ids at the first EOS (excluded) or at max_tokens."""
-    for i, tok in enumerate(ids[:max_tokens]):
-        if tok in eos_ids:
-            return ids[:i], "stop"
-    return ids[:max_tokens], "length"
-
-
-def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """Text before the earliest occurrence of any stop string."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
 
 
 def generate_text(model: DiffusionGemma, tokenizer: Tokenizer, prompt: str | list[int], *, max_tokens: int = 128,
@@ -59,17 +46,6 @@ def generate_text(model: DiffusionGemma, tokenizer: Tokenizer, prompt: str | lis
         entropy_bound=params.entropy_bound, confidence_threshold=params.confidence_threshold,
         stability_threshold=params.stability_threshold, temperature=params.temperature,
         fixed_steps=params.fixed_steps, eos_token_id=eos, pad_token_id=None, generator=gen, return_output=True)
-    new_ids, reason = truncate(out.sequences[0, len(ids):].tolist(), max_tokens, set(eos))
-    text, stopped = cut_at_stop(tokenizer.decode(new_ids), stop or [])
-    if stopped:
-        reason = "stop"
-        new_ids = _ids_covering(tokenizer, new_ids, text)
-    return TextResult(text, new_ids, reason, out.steps_per_canvas)
-
-
-def _ids_covering(tokenizer: Tokenizer, ids: list[int], text: str) -> list[int]:
-    """The shortest prefix of `ids` whose decoding contains `text` (token ids up to a stop string)."""
-    for n in range(len(ids) + 1):
-        if len(tokenizer.decode(ids[:n])) >= len(text):
-            return ids[:n]
-    return ids
+    state = TextState(tokenizer.decode, set(eos), max_tokens, tuple(stop or ()))
+    state.add(out.sequences[0, len(ids):].tolist())
+    return TextResult(state.text, state.ids, state.finish_reason or "length", out.steps_per_canvas)

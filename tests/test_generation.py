@@ -6,7 +6,8 @@ import pytest
 
 import blockdiff
 from blockdiff.diffusion.params import DiffusionParams
-from blockdiff.generation import cut_at_stop, generate_text, truncate
+from blockdiff.engine.output import TextState
+from blockdiff.generation import generate_text
 from blockdiff.random_model import create_random_model
 from blockdiff.tokenizer import Tokenizer
 
@@ -19,15 +20,32 @@ def demo(tmp_path_factory):
     return path, blockdiff.load_model(path), Tokenizer.from_dir(path)
 
 
-def test_truncate_at_eos_and_length():
-    assert truncate([5, 6, 1, 7], 10, {1}) == ([5, 6], "stop")
-    assert truncate([5, 6, 7, 8], 3, {1}) == ([5, 6, 7], "length")
-    assert truncate([5, 6, 7, 1], 3, {1}) == ([5, 6, 7], "length")    # EOS beyond the limit does not count
+def text_state(max_tokens=10, stop=()):
+    return TextState(lambda ids: "".join(chr(96 + i) for i in ids), {1}, max_tokens, stop)
 
 
-def test_cut_at_stop_earliest():
-    assert cut_at_stop("abc END def STOP", ["STOP", "END"]) == ("abc ", True)
-    assert cut_at_stop("abc", ["x", ""]) == ("abc", False)
+def test_text_state_eos_and_length():
+    st = text_state()
+    st.add([5, 6, 1, 7])
+    assert (st.ids, st.finish_reason, st.text) == ([5, 6], "stop", "ef")
+    st = text_state(max_tokens=3)
+    st.add([5, 6, 7, 1])                        # EOS beyond the limit does not count
+    assert (st.ids, st.finish_reason) == ([5, 6, 7], "length")
+
+
+def test_text_state_stop_string_across_canvases_never_leaks():
+    st = text_state(max_tokens=50, stop=("xyz",))
+    deltas = [st.add([1 + 2, 4]), st.add([24, 25]), st.add([26, 5])]   # "cd" "xy" "ze"
+    assert st.finish_reason == "stop" and st.text == "cd"
+    assert "".join(deltas) == "cd" and all("x" not in d for d in deltas)
+    assert st.ids == [3, 4]
+
+
+def test_text_state_holds_back_partial_utf8():
+    data = "é".encode()
+    st = TextState(lambda ids: bytes(ids).decode("utf-8", errors="replace"), set(), 10)
+    assert st.add([data[0]]) == ""              # half a character: nothing to stream yet
+    assert st.add([data[1]]) == "é"
 
 
 @pytest.mark.parametrize("max_tokens", [1, 5, 16, 17])

@@ -16,7 +16,8 @@ import torch
 
 from ..model.transformer import DiffusionGemma
 from .params import DiffusionParams
-from .sampler import entropy, entropy_bound_accept, random_canvas, sample_tokens, step_temperature
+from .noise import TorchNoise
+from .sampler import entropy, entropy_bound_accept, step_temperature
 from .stopping import StableAndConfident
 
 
@@ -39,12 +40,13 @@ def reference_generate(model: DiffusionGemma, input_ids: torch.Tensor, attention
                        entropy_bound: float = 0.1, confidence_threshold: float = 0.005, stability_threshold: int = 1,
                        eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                        temperature: float = 1.0, fixed_steps: bool = False, generator: torch.Generator | None = None,
-                       logits_processor: Callable | None = None, on_step: Callable | None = None,
+                       noise=None, logits_processor: Callable | None = None, on_step: Callable | None = None,
                        return_output: bool = False):
     """Generate `ceil(max_new_tokens / C)` whole canvases after `input_ids` (B, L).
 
     Returns the sequences tensor (B, L + n*C), or a `ReferenceOutput` if `return_output`.
-    `logits_processor(logits, step) -> logits` runs on the raw logits before the temperature (tests
+    Random draws come from `noise` (default: `TorchNoise(generator)`, transformers' call order; the
+    engine's parity tests pass a `HashNoise`). `logits_processor(logits, step) -> logits` runs on the raw logits before the temperature (tests
     use it to force tokens). `on_step(canvas_index, step, argmax_canvas, accept_mask)` observes steps.
     """
     params = DiffusionParams(max_denoising_steps, t_min, t_max, entropy_bound, confidence_threshold,
@@ -54,6 +56,7 @@ def reference_generate(model: DiffusionGemma, input_ids: torch.Tensor, attention
     batch, vocab, c = input_ids.shape[0], model.config.vocab_size, model.config.canvas_length
     n_canvases = math.ceil(max_new_tokens / c)
     eos = _eos_list(eos_token_id)
+    noise = noise if noise is not None else TorchNoise(generator)
     eos_t = torch.tensor(eos, device=input_ids.device) if eos else None
     cache = model.new_cache(batch, input_ids.shape[1] + n_canvases * c)
     stopper = None if fixed_steps else StableAndConfident(stability_threshold, confidence_threshold)
@@ -63,8 +66,8 @@ def reference_generate(model: DiffusionGemma, input_ids: torch.Tensor, attention
     for index in range(n_canvases):
         model.encode(sequences[:, cache.length:], cache, new_ids)      # prefill, then the last committed canvas
         new_ids = None
-        canvas = random_canvas(batch, c, vocab, input_ids.device, generator)
-        argmax_canvas, steps = _denoise_canvas(model, cache, canvas, params, stopper, finished, passes, generator,
+        canvas = noise.init_canvas(batch, c, vocab, input_ids.device)
+        argmax_canvas, steps = _denoise_canvas(model, cache, canvas, params, stopper, finished, passes, noise,
                                                logits_processor, lambda *a: on_step and on_step(index, *a))
         steps_per_canvas.append(steps)
         sequences = torch.cat((sequences, argmax_canvas), dim=-1)
@@ -78,7 +81,7 @@ def reference_generate(model: DiffusionGemma, input_ids: torch.Tensor, attention
     return ReferenceOutput(sequences, valid / passes, steps_per_canvas)
 
 
-def _denoise_canvas(model, cache, canvas, params: DiffusionParams, stopper, finished_seq, passes, generator,
+def _denoise_canvas(model, cache, canvas, params: DiffusionParams, stopper, finished_seq, passes, noise,
                     logits_processor, on_step):
     """Run one canvas's denoising loop; returns (argmax canvas to commit, steps run)."""
     batch, n = canvas.shape[0], params.max_denoising_steps
@@ -95,12 +98,12 @@ def _denoise_canvas(model, cache, canvas, params: DiffusionParams, stopper, fini
             logits = logits_processor(logits, step)
         temp = step_temperature(step, n, params.t_min, params.t_max)
         proc = logits / (temp * params.temperature if params.temperature not in (0, 1) else temp)
-        sampled = sample_tokens(torch.softmax(proc, dim=-1, dtype=torch.float32), generator) \
+        sampled = noise.sample(torch.softmax(proc, dim=-1, dtype=torch.float32)) \
             if not params.greedy else proc.argmax(-1)
         new_argmax = proc.argmax(-1)
         accept = entropy_bound_accept(entropy(proc), params.entropy_bound)
-        noise = random_canvas(batch, canvas.shape[1], model.config.vocab_size, canvas.device, generator)
-        next_canvas = torch.where(accept, sampled, noise)   # earlier acceptances are not kept
+        fresh = noise.renoise(batch, canvas.shape[1], model.config.vocab_size, canvas.device)
+        next_canvas = torch.where(accept, sampled, fresh)   # earlier acceptances are not kept
         if stopper is not None:
             if bool(done.any()):                  # rows that stopped earlier stay frozen
                 new_argmax = torch.where(done[:, None], argmax_canvas, new_argmax)

@@ -33,14 +33,3 @@ def entropy_bound_accept(token_entropy: torch.Tensor, bound: float | torch.Tenso
     sorted_ent, order = torch.sort(token_entropy, dim=-1)
     selected = (torch.cumsum(sorted_ent, dim=-1) - sorted_ent) <= bound
     return torch.zeros_like(selected).scatter(-1, order, selected)
-
-
-def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Multinomial draw per position: probs (B, C, V) -> ids (B, C). One RNG call, like the reference."""
-    b, c, v = probs.shape
-    return torch.multinomial(probs.reshape(b * c, v), 1, generator=generator).view(b, c)
-
-
-def random_canvas(batch: int, length: int, vocab: int, device, generator: torch.Generator | None = None):
-    """Uniform random tokens (B, C): the initial canvas and the renoising draw."""
-    return torch.randint(0, vocab, (batch, length), device=device, generator=generator)

@@ -1,0 +1,106 @@
+"""One vectorised denoising step over many rows, each with its own knobs: the engine's hot path.
+
+Given the decoder's hidden states (R, C, H) for R canvases, computes for every row, with no host
+sync and no Python loop over rows: tempered logits, entropy, argmax, the sampled tokens
+(inverse-CDF with counter-based uniforms, so a row's draw does not depend on the batch), entropy-
+bound acceptance, renoising, the stable-and-confident test and the next self-conditioning input.
+The (R, C, V) logits are processed in row tiles so temporary memory stays under a byte budget.
+Per-row knobs live in `RowKnobs` tensors; equal math to `reference.py` for a single row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .noise import RENOISE, hash_tokens, hash_uniform, inverse_cdf_sample
+from .sampler import entropy, entropy_bound_accept
+
+
+@dataclass
+class RowKnobs:
+    """Per-row settings as device tensors, all (R,)."""
+    num_steps: torch.Tensor       # int64 N
+    t_min: torch.Tensor           # fp32
+    t_span: torch.Tensor          # fp32 (t_max - t_min, computed in double then rounded)
+    temp_scale: torch.Tensor      # fp32 multiplier (1.0 for temperature 0 or 1)
+    greedy: torch.Tensor          # bool
+    bound: torch.Tensor           # fp32 entropy bound
+    confidence: torch.Tensor      # fp32 threshold
+    stability: torch.Tensor       # int64 S
+    fixed: torch.Tensor           # bool: never stop early
+    top_k: torch.Tensor           # int64, 0 = off
+    top_p: torch.Tensor           # fp32, 1 = off
+    seed: torch.Tensor            # int64
+
+
+@dataclass
+class StepOut:
+    argmax: torch.Tensor          # (R, C) committed candidate
+    next_canvas: torch.Tensor     # (R, C) input of the next step
+    accept: torch.Tensor          # (R, C) bool
+    confidence: torch.Tensor      # (R, C) fp32 max probability per position
+    soft: torch.Tensor            # (R, C, H) next self-conditioning soft embedding
+    stop: torch.Tensor            # (R,) bool: stable and confident (fixed rows: never)
+
+
+def rows_per_tile(canvas: int, vocab: int, budget_bytes: int) -> int:
+    # about five fp32 (C, V) temporaries live at once per row: logits, proc, probs, cdf, scratch
+    return max(1, budget_bytes // (5 * 4 * canvas * vocab))
+
+
+def _filter_top(proc: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, use_k: bool, use_p: bool):
+    """Mask logits outside each row's top-k / top-p nucleus (for sampling only)."""
+    if use_k:
+        k = torch.where(top_k > 0, top_k, proc.shape[-1]).clamp(max=proc.shape[-1])
+        kth = torch.sort(proc, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None, None].expand(
+            proc.shape[0], proc.shape[1], 1))
+        proc = proc.masked_fill(proc < kth, float("-inf"))
+    if use_p:
+        sorted_p, order = torch.softmax(proc, -1).sort(dim=-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None, None]     # keep the first token always
+        proc = proc.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return proc
+
+
+def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool):
+    """hidden (r, C, H) -> (argmax, sampled, accept, confidence, soft, entropy) for a tile of rows."""
+    cur = (knobs.num_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
+    temp = knobs.t_min + knobs.t_span * (cur / knobs.num_steps.to(torch.int32))
+    proc = model.logits(hidden) / (temp * knobs.temp_scale)[:, None, None]      # (r, C, V) fp32
+    probs = torch.softmax(proc, dim=-1)
+    ent = entropy(proc)
+    argmax = proc.argmax(-1)
+    sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
+        if (use_k or use_p) else probs
+    u = hash_uniform(knobs.seed, canvas_idx, step_idx, hidden.shape[1])
+    sampled = torch.where(knobs.greedy[:, None], argmax, inverse_cdf_sample(sample_probs, u))
+    accept = entropy_bound_accept(ent, knobs.bound[:, None])
+    w = model.embed_tokens.weight
+    soft = torch.matmul(probs.to(w.dtype), w) * model.embed_scale(w.dtype).to(w.device)
+    return argmax, sampled, accept, probs.amax(-1), soft, ent
+
+
+def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,
+                 use_k: bool = False, use_p: bool = False) -> tuple[StepOut, torch.Tensor]:
+    """All rows in tiles. history (R, S_max, C) previous argmax canvases (-1 filled at canvas start).
+    Returns the step outputs and the updated history."""
+    r, c, _ = hidden.shape
+    tile = rows_per_tile(c, model.config.vocab_size, budget_bytes)
+    parts = []
+    for lo in range(0, r, tile):
+        sl = slice(lo, lo + tile)
+        sub = RowKnobs(*(getattr(knobs, f)[sl] for f in RowKnobs.__dataclass_fields__))
+        parts.append(denoise_tile(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p))
+    argmax, sampled, accept, conf, soft, ent = (torch.cat(x) for x in zip(*parts))
+    noise = hash_tokens(knobs.seed, canvas_idx, step_idx, RENOISE, c, model.config.vocab_size)
+    next_canvas = torch.where(accept, sampled, noise)
+    # stable: argmax equal to each of the last S_r stored canvases (S_r = 0: always stable)
+    s_max = history.shape[1]
+    considered = torch.arange(s_max, device=hidden.device)[None, :] >= (s_max - knobs.stability)[:, None]
+    same = (history == argmax[:, None, :]).all(-1) | ~considered                 # (R, S_max)
+    stable = same.all(-1)
+    confident = ent.mean(-1) < knobs.confidence
+    history = torch.cat((history[:, 1:], argmax[:, None, :]), dim=1) if s_max else history
+    stop = stable & confident & ~knobs.fixed
+    return StepOut(argmax, next_canvas, accept, conf, soft, stop), history

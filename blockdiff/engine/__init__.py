@@ -1,0 +1,1 @@
+"""The fast engine: continuous batching of block-diffusion requests on one device."""

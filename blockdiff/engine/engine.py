@@ -1,0 +1,180 @@
+"""LLM: the offline API, in the style of vLLM. Ties the scheduler (bookkeeping) to the runner (tensors).
+
+    llm = LLM("path/to/model")
+    outs = llm.generate(["Once upon a time"], SamplingParams(max_tokens=64, seed=0))
+    for out in llm.stream("Hello", SamplingParams(max_tokens=64)): print(out.delta_text, end="")
+
+Requests are batched continuously: `step()` admits waiting requests, runs one denoising step for
+every running canvas, commits finished canvases and retires finished requests. A request's output
+depends only on its prompt, parameters and seed, never on what else is in the batch.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from ..checkpoint import load_model
+from ..model.transformer import DiffusionGemma
+from ..tokenizer import Tokenizer
+from .output import TextState
+from .request import Request, RequestOutput, RequestStats, SamplingParams
+from .runner import ModelRunner
+from .scheduler import Scheduler
+
+
+class LLM:
+    def __init__(self, model: str | Path | DiffusionGemma, tokenizer: Tokenizer | str | Path | None = None,
+                 dtype: str | torch.dtype | None = None, device: str = "cpu", max_num_seqs: int = 16,
+                 max_model_len: int = 2048, sampler_memory_mb: float = 256):
+        if isinstance(model, DiffusionGemma):
+            self.model = model
+        else:
+            self.model = load_model(model, dtype=dtype, device=device)
+            tokenizer = tokenizer if tokenizer is not None else model
+        self.tokenizer = Tokenizer.from_dir(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+        cfg = self.model.config
+        self.eos_ids = set(cfg.eos_ids) | (set(self.tokenizer.eos_ids) if self.tokenizer else set())
+        self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)
+        self.runner = ModelRunner(self.model, max_num_seqs, max_model_len, sampler_memory_mb)
+        self.states: dict[str, TextState] = {}
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer else ""
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass token ids")
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        vocab = self.model.config.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt must be non-empty with token ids in [0, {vocab})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request_id {request_id!r}")
+        seed = params.seed if params.seed is not None else random.randrange(2**62)
+        req = Request(request_id, ids, params, seed, prompt=text)
+        self.scheduler.add(req)
+        self.requests[request_id] = req
+        self.states[request_id] = TextState(self._decode, self.eos_ids, params.max_tokens, params.stop,
+                                            params.ignore_eos)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is not None and not req.finished:
+            req.finish_reason = "abort"
+            self._finish(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Admit, denoise every running canvas once, commit finished canvases. Returns an output for
+        every request that committed a canvas (or finished) in this step."""
+        for req, alloc in self.scheduler.admit():
+            self.runner.assign(req.slot, req.params, req.seed)
+            if alloc.copy_from is not None:
+                self.runner.copy_prefix(alloc.copy_from, req.slot, alloc.reuse)
+            self.runner.prefill(req.slot, req.prompt_ids[alloc.reuse:], alloc.reuse)
+            self.scheduler.kv.extend(req.slot, req.prompt_ids[alloc.reuse:])
+        running = list(self.scheduler.running)
+        if not running:
+            return []
+        use_k = any(r.params.top_k > 0 for r in running)
+        use_p = any(r.params.top_p < 1 for r in running)
+        done = self.runner.denoise([r.slot for r in running], [r.context_len for r in running], use_k, use_p)
+        finished_rows = [i for i, d in enumerate(done) if d]
+        for r in running:
+            r.steps_in_canvas += 1
+        if not finished_rows:
+            return []
+        tokens = self.runner.last.argmax[finished_rows].cpu()
+        outputs, to_commit = [], []
+        for k, row in enumerate(finished_rows):
+            outputs.append(self._on_canvas(running[row], tokens[k].tolist(), tokens[k], to_commit))
+        if to_commit:
+            reqs, toks = zip(*to_commit)
+            self.runner.commit([r.slot for r in reqs], [r.context_len for r in reqs], torch.stack(toks))
+            for r, t in to_commit:
+                self.scheduler.kv.extend(r.slot, t.tolist())
+                r.committed_ids.extend(t.tolist())
+        return outputs
+
+    def _on_canvas(self, req: Request, ids: list[int], tokens: torch.Tensor, to_commit: list) -> RequestOutput:
+        state = self.states[req.request_id]
+        now = time.perf_counter()
+        req.canvases += 1
+        req.steps_per_canvas.append(req.steps_in_canvas)
+        req.steps_in_canvas = 0
+        req.first_token_time = req.first_token_time or now
+        delta_start = len(state.ids)
+        delta = state.add(ids)
+        if state.finish_reason is not None:
+            req.finish_reason = state.finish_reason
+            self._finish(req)
+        else:
+            to_commit.append((req, tokens))
+        return self._output(req, delta, state.ids[delta_start:])
+
+    def _finish(self, req: Request) -> None:
+        req.finish_time = time.perf_counter()
+        self.scheduler.retire(req)
+
+    def _output(self, req: Request, delta: str, delta_ids: list[int]) -> RequestOutput:
+        state = self.states[req.request_id]
+        end = req.finish_time or time.perf_counter()
+        latency = end - req.arrival
+        stats = RequestStats(req.canvases, list(req.steps_per_canvas),
+                             None if req.first_token_time is None else req.first_token_time - req.arrival,
+                             latency if req.finished else None,
+                             len(state.ids) / latency if req.finished and latency > 0 else None)
+        text = state.text if req.finished else state.text[:state.sent]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, text, list(state.ids), req.finished,
+                             req.finish_reason, stats, delta, delta_ids)
+
+    # ---- convenience ---------------------------------------------------------------------------------
+    def _add_all(self, prompts, sampling_params) -> list[str]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        return [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+
+    def generate(self, prompts: str | list, sampling_params: SamplingParams | list | None = None) -> list[RequestOutput]:
+        """Run prompts (text or token ids) to completion; outputs in prompt order."""
+        ids = self._add_all(prompts, sampling_params)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        for rid in ids:
+            self.requests.pop(rid, None)
+            self.states.pop(rid, None)
+        return [final[rid] for rid in ids]
+
+    def stream(self, prompts: str | list, sampling_params: SamplingParams | list | None = None) -> Iterator[RequestOutput]:
+        """Yield an output (with `delta_text`) each time a request commits a canvas."""
+        ids = set(self._add_all(prompts, sampling_params))
+        remaining = set(ids)
+        while remaining:
+            for out in self.step():
+                if out.request_id in ids:
+                    yield out
+                    if out.finished:
+                        remaining.discard(out.request_id)

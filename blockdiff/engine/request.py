@@ -1,0 +1,113 @@
+"""Requests, per-request sampling parameters and outputs. Plain Python: no torch here.
+
+- `SamplingParams`: the usual fields (max_tokens, temperature, top_k, top_p, stop, seed) plus the
+  diffusion knobs; invalid values raise `ValueError` naming the field.
+- `Request`: one sequence's lifecycle (waiting -> running -> finished), its token ids and stats.
+- `RequestOutput`: what `LLM.generate` returns and what streaming yields at each commit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ..diffusion.params import DiffusionParams
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0          # scales the t_min..t_max schedule; 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1.0 = off
+    stop: tuple[str, ...] = ()
+    seed: int | None = None           # None: drawn by the engine
+    ignore_eos: bool = False
+    max_denoising_steps: int = 48
+    fixed_steps: bool = False
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    confidence_threshold: float = 0.005
+    stability_threshold: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a string or a list of strings")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        self.diffusion()     # validates the diffusion knobs
+
+    def diffusion(self) -> DiffusionParams:
+        return DiffusionParams(self.max_denoising_steps, self.t_min, self.t_max, self.entropy_bound,
+                               self.confidence_threshold, self.stability_threshold, self.temperature,
+                               self.fixed_steps)
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    prompt: str | None = None
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    slot: int | None = None
+    canvases: int = 0
+    steps_in_canvas: int = 0
+    steps_per_canvas: list[int] = field(default_factory=list)
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    committed_ids: list[int] = field(default_factory=list)    # every committed canvas token, uncut
+    emitted: int = 0                                          # output chars already streamed
+
+    @property
+    def context_len(self) -> int:
+        """Positions whose K/V are in the slot: the prompt plus every committed canvas."""
+        return len(self.prompt_ids) + len(self.committed_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass
+class RequestStats:
+    canvases: int
+    steps_per_canvas: list[int]
+    time_to_first_token: float | None    # seconds from arrival to the first committed canvas
+    latency: float | None                # seconds from arrival to finish
+    tokens_per_second: float | None      # output tokens / latency (end to end)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None             # "stop" | "length" | "abort" | None while running
+    stats: RequestStats
+    delta_text: str = ""                  # new text since the previous output of this request (streaming)
+    delta_token_ids: list[int] = field(default_factory=list)

@@ -58,7 +58,8 @@ def _filter_top(proc: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, us
         proc = proc.masked_fill(proc < kth, float("-inf"))
     if use_p:
         sorted_p, order = torch.softmax(proc, -1).sort(dim=-1, descending=True)
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None, None]     # keep the first token always
+        # keep the first token always; rows with top_p = 1 keep everything (no rounding-dropped tail)
+        drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None, None]) & (top_p < 1)[:, None, None]
         proc = proc.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return proc
 

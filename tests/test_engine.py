@@ -1,0 +1,132 @@
+"""Engine: parity with the reference sampler, batch invariance, exactness, prefix reuse, bad input."""
+import pytest
+import torch
+from hf_oracle import CONFIGS
+
+import blockdiff
+from blockdiff.diffusion.noise import HashNoise
+from blockdiff.engine.engine import LLM
+from blockdiff.engine.request import SamplingParams
+from blockdiff.random_model import create_random_model
+
+
+@pytest.fixture(scope="module")
+def demo_path(tmp_path_factory):
+    return create_random_model(tmp_path_factory.mktemp("engine") / "m", seed=2)
+
+
+def reference_ids(model, prompt, sp: SamplingParams):
+    c = model.config.canvas_length
+    n = -(-sp.max_tokens // c) * c
+    out = blockdiff.reference_generate(
+        model, torch.tensor([prompt]), max_new_tokens=n, max_denoising_steps=sp.max_denoising_steps,
+        t_min=sp.t_min, t_max=sp.t_max, entropy_bound=sp.entropy_bound, stability_threshold=sp.stability_threshold,
+        confidence_threshold=sp.confidence_threshold, temperature=sp.temperature, fixed_steps=sp.fixed_steps,
+        noise=HashNoise([sp.seed]), return_output=True)
+    return out.sequences[0, len(prompt):len(prompt) + sp.max_tokens].tolist(), out.steps_per_canvas
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_engine_equals_reference(hf_dirs, name, temperature):
+    """Single request: the engine's tokens equal the reference fed the same draws (HashNoise)."""
+    _, path = hf_dirs[name]
+    llm = LLM(blockdiff.load_model(path), tokenizer=None)
+    c, w = CONFIGS[name]["canvas_length"], CONFIGS[name]["sliding_window"]
+    prompt = list(range(3, 3 + w + 5))                       # longer than the sliding window
+    sp = SamplingParams(max_tokens=3 * c - 1, seed=17, max_denoising_steps=4, temperature=temperature,
+                        ignore_eos=True, confidence_threshold=100.0, stability_threshold=1)
+    out = llm.generate([prompt], sp)[0]
+    ids, steps = reference_ids(llm.model, prompt, sp)
+    assert out.token_ids == ids
+    assert out.stats.steps_per_canvas == steps
+    assert out.finish_reason == "length" and len(out.token_ids) == sp.max_tokens
+
+
+def mixed_params():
+    return [SamplingParams(max_tokens=40, seed=1, max_denoising_steps=5, ignore_eos=True),
+            SamplingParams(max_tokens=20, seed=2, max_denoising_steps=3, temperature=0, ignore_eos=True),
+            SamplingParams(max_tokens=70, seed=3, max_denoising_steps=6, fixed_steps=True, entropy_bound=0.5,
+                           ignore_eos=True),
+            SamplingParams(max_tokens=33, seed=4, max_denoising_steps=4, confidence_threshold=100.0,
+                           stability_threshold=0, t_min=0.1, t_max=2.0, ignore_eos=True),
+            SamplingParams(max_tokens=50, seed=5, max_denoising_steps=4, top_k=20, top_p=0.9, ignore_eos=True)]
+
+
+def test_batch_invariance(demo_path):
+    """Each request gives the same tokens alone and beside requests of other lengths and knobs."""
+    llm = LLM(demo_path, max_num_seqs=8)
+    prompts = [list(range(5, 5 + n)) for n in (7, 30, 3, 64, 12)]
+    together = llm.generate(prompts, mixed_params())
+    for prompt, sp, out in zip(prompts, mixed_params(), together):
+        alone = llm.generate([prompt], sp)[0]
+        assert alone.token_ids == out.token_ids
+        assert len(out.token_ids) == sp.max_tokens
+    assert together[3].stats.steps_per_canvas == [1] * 3        # stability 0 + lax confidence: 1 step
+
+
+def test_more_requests_than_slots(demo_path):
+    llm = LLM(demo_path, max_num_seqs=2)
+    sps = [SamplingParams(max_tokens=10 + i, seed=i, max_denoising_steps=2, ignore_eos=True) for i in range(5)]
+    outs = llm.generate([[5, 6, 7 + i] for i in range(5)], sps)
+    assert [len(o.token_ids) for o in outs] == [10, 11, 12, 13, 14]
+    assert not llm.has_unfinished() and llm.scheduler.kv.num_free == 2
+
+
+def test_eos_and_stop_strings(demo_path):
+    llm = LLM(demo_path)
+    sp = SamplingParams(max_tokens=48, seed=8, max_denoising_steps=3, ignore_eos=True)
+    full = llm.generate(["Hello"], sp)[0]
+    llm.eos_ids = {full.token_ids[20]}                     # pretend this token is EOS
+    cut = llm.generate(["Hello"], SamplingParams(max_tokens=48, seed=8, max_denoising_steps=3))[0]
+    first = full.token_ids.index(full.token_ids[20])
+    assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[:first]
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=48, seed=8, max_denoising_steps=3, ignore_eos=True,
+                                                 stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == full.text[:full.text.find(stop)]
+
+
+def test_streaming_deltas_add_up(demo_path):
+    llm = LLM(demo_path)
+    sp = SamplingParams(max_tokens=40, seed=4, max_denoising_steps=2, ignore_eos=True)
+    chunks = list(llm.stream("Hi", sp))
+    assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
+    assert len(chunks) == 3                                # 40 tokens = 3 canvases of 16
+    assert "".join(c.delta_text for c in chunks) == chunks[-1].text
+    assert sum((c.delta_token_ids for c in chunks), []) == chunks[-1].token_ids
+    assert chunks[-1].stats.time_to_first_token > 0 and chunks[-1].stats.tokens_per_second > 0
+
+
+def test_prefix_reuse_gives_same_output(demo_path):
+    llm = LLM(demo_path, max_num_seqs=4)
+    prompt = list(range(5, 60))
+    sp = SamplingParams(max_tokens=20, seed=3, max_denoising_steps=3, ignore_eos=True)
+    first = llm.generate([prompt], sp)[0]
+    alloc = llm.scheduler.kv.allocate(prompt)              # a finished slot still holds the prompt
+    assert alloc.reuse == len(prompt)
+    llm.scheduler.kv.free(alloc.slot)
+    again = llm.generate([prompt], sp)[0]
+    siblings = llm.generate([prompt] * 3, [sp] * 3)         # n=3: copies the prefix between slots
+    assert again.token_ids == first.token_ids and all(s.token_ids == first.token_ids for s in siblings)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 0}, "max_tokens"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"max_denoising_steps": 0}, "max_denoising_steps"), ({"t_min": 0.9}, "t_max"),
+    ({"entropy_bound": 0}, "entropy_bound"), ({"seed": "x"}, "seed"), ({"temperature": -1}, "temperature"),
+    ({"stop": [3]}, "stop"), ({"confidence_threshold": -1.0}, "confidence_threshold"),
+])
+def test_bad_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests(demo_path):
+    llm = LLM(demo_path, max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.add_request([5] * 40, SamplingParams(max_tokens=32))
+    with pytest.raises(ValueError, match="token ids"):
+        llm.add_request([10**6])
+    with pytest.raises(ValueError, match="token ids"):
+        llm.add_request([])

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockdiff", description="Block-diffusion language models (DiffusionGemma).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
-    for module in ("blockdiff.train.data", "blockdiff.train.trainer"):
+    for module in ("blockdiff.train.data", "blockdiff.bench_report", "blockdiff.train.trainer"):
         try:
             __import__(module, fromlist=["add_cli"]).add_cli(sub)
         except (ImportError, AttributeError):

@@ -1,0 +1,228 @@
+"""`blockdiff bench`: side-by-side speed of blockdiff, transformers' generate() and AR decoding.
+
+One run builds (or loads) a checkpoint and measures, on the same weights and device:
+(a) blockdiff vs transformers `generate()` with the same fixed number of steps, batch 1 and 16;
+(b) blockdiff block diffusion vs blockdiff autoregressive decoding (batch 1);
+(c) blockdiff at batch 1/4/16/64: aggregate tok/s, p50/p99 request latency, peak memory, with fixed
+    steps and with adaptive stopping;
+plus a denoising-step breakdown (network matmuls vs sampler) against a plain `torch.mm`, and the
+sampler's peak memory for 64 concurrent requests on a 262,144-token vocabulary. Prints a table,
+writes a PNG plot, and prints one JSON line last with every figure.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model.init import init_weights
+from .model.transformer import DiffusionGemma
+
+PRESETS = {
+    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, global_head_dim=64, num_global_key_value_heads=2,
+                  num_experts=8, top_k_experts=2, moe_intermediate_size=128, canvas_length=64, sliding_window=256),
+    "medium": dict(vocab_size=16384, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
+                   num_global_key_value_heads=2, num_experts=8, top_k_experts=2, moe_intermediate_size=256,
+                   canvas_length=256, sliding_window=512),
+    "26b-a4b": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                    num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2, head_dim=256,
+                    global_head_dim=512, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+                    canvas_length=256, sliding_window=1024),
+}
+
+
+def build_checkpoint(preset: str, path: Path, dtype: torch.dtype, device: str) -> DiffusionGemma:
+    cfg = ModelConfig(**PRESETS[preset], max_position_embeddings=8192)
+    with torch.device(device):
+        model = init_weights(DiffusionGemma(cfg), seed=0).to(dtype)
+    if preset != "26b-a4b":
+        model.save_pretrained(path)        # transformers reads the very same weights
+    return model.eval()
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat: int = 1) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def mm_throughput(model, rows: int) -> float:
+    """GFLOP/s of a plain torch.mm shaped like the model's biggest dense layer, same dtype/device."""
+    h = model.config.hidden_size
+    a = torch.randn(rows, h, dtype=model.dtype, device=model.device)
+    b = torch.randn(h, 4 * h, dtype=model.dtype, device=model.device)
+    timed(lambda: a @ b, model.device, 3)
+    return 2 * rows * h * 4 * h / timed(lambda: a @ b, model.device, 10) / 1e9
+
+
+POLLER = """
+import os, sys, time, select
+path, page, peak = f"/proc/{sys.argv[1]}/statm", os.sysconf("SC_PAGE_SIZE"), 0
+while not select.select([sys.stdin], [], [], 0.001)[0]:
+    with open(path) as f:
+        peak = max(peak, int(f.read().split()[1]) * page)
+print(peak)
+"""
+
+
+class PeakMemory:
+    """Peak bytes above the start: CUDA allocator stats, or resident memory on CPU, polled every
+    millisecond by a separate process (a polling thread would fight the main thread for the GIL)."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/statm") as f:
+                self.base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            self.proc = subprocess.Popen([sys.executable, "-c", POLLER, str(os.getpid())], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True)
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = int(self.proc.communicate("stop\n")[0])
+        self.mb = max(peak - self.base, 0) / 2**20
+
+
+def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(batch)
+    return torch.randint(5, vocab, (batch, length), generator=gen).tolist()
+
+
+def run_engine(llm, batch: int, prompt_len: int, max_tokens: int, steps: int, fixed: bool) -> dict:
+    from .engine.request import SamplingParams
+
+    sp = [SamplingParams(max_tokens=max_tokens, seed=i, max_denoising_steps=steps, fixed_steps=fixed,
+                         ignore_eos=True) for i in range(batch)]
+    prompts = prompts_for(batch, prompt_len, llm.model.config.vocab_size)
+    llm.generate(prompts[:1], sp[0])                                   # warm-up
+    with PeakMemory(llm.model.device) as mem:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, sp)
+        wall = time.perf_counter() - start
+    lat = sorted(o.stats.latency for o in outs)
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"tok_s": tokens / wall, "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "peak_mem_mb": mem.mb, "steps_per_canvas": sum(sum(o.stats.steps_per_canvas) for o in outs) /
+            sum(len(o.stats.steps_per_canvas) for o in outs)}
+
+
+def run_transformers(path: Path, batch: int, prompt_len: int, max_tokens: int, steps: int, vocab: int) -> float:
+    """tok/s of transformers' generate() (default backends, checkpoint dtype), same fixed steps."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()      # the placeholder vision tower's random init is expected
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+    ids = torch.tensor(prompts_for(batch, prompt_len, vocab))
+    # a vanishing confidence threshold never triggers: every canvas runs exactly `steps` steps
+    kw = dict(max_new_tokens=max_tokens, max_denoising_steps=steps, confidence_threshold=1e-30)
+    with torch.no_grad():
+        hf.generate(ids[:1], **kw)
+        start = time.perf_counter()
+        out = hf.generate(ids, **kw).sequences
+    return (out.shape[1] - prompt_len) * batch / (time.perf_counter() - start)
+
+
+def run_ar(model, prompt_len: int, max_tokens: int) -> float:
+    from .engine.ar import ar_generate
+
+    prompts = prompts_for(1, prompt_len, model.config.vocab_size)
+    ar_generate(model, prompts, max_tokens=4)
+    start = time.perf_counter()
+    ar_generate(model, prompts, max_tokens=max_tokens)
+    sync(model.device)
+    return max_tokens / (time.perf_counter() - start)
+
+
+def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
+    """Time one denoising step's parts on `batch` rows: network (decoder + LM head + soft-embedding
+    matmuls) vs sampler (the rest of the step: softmax, entropy, sort, sampling, acceptance)."""
+    from .engine.request import SamplingParams
+
+    model, runner, c = llm.model, llm.runner, llm.model.config.canvas_length
+    prompts = prompts_for(batch, prompt_len, model.config.vocab_size)
+    slots, lengths = list(range(batch)), [prompt_len] * batch
+    for i, p in zip(slots, prompts):
+        runner.assign(i, SamplingParams(seed=i), i)
+        runner.prefill(i, p, 0)
+    idx = torch.tensor(slots, device=model.device)
+    from .model.slots import SlotDecodeContext
+
+    def decoder():
+        lens = torch.tensor(lengths, device=model.device)
+        ctx = SlotDecodeContext(runner.cache, idx, lens, prompt_len, model.config.sliding_window, model.dtype)
+        return model.denoise_with(runner.canvas[idx], lens[:, None] + torch.arange(c, device=model.device), ctx,
+                                  runner.soft[idx])
+
+    with torch.no_grad():
+        hidden = decoder()
+        probs = torch.softmax(model.logits(hidden), -1).to(model.dtype)
+        t_dec = timed(decoder, model.device, 3)
+        t_head = timed(lambda: model.logits(hidden), model.device, 3)
+        t_soft = timed(lambda: probs @ model.embed_tokens.weight, model.device, 3)
+        t_step = timed(lambda: runner.denoise(slots, lengths), model.device, 3)
+    cfg = model.config
+    per_token = 2 * active_params(cfg) + 4 * cfg.vocab_size * cfg.hidden_size     # + LM head + soft embedding
+    network = t_dec + t_head + t_soft
+    return {"step_s": t_step, "network_s": network, "sampler_s": max(t_step - network, 0.0),
+            "network_gflops": per_token * batch * c / network / 1e9}
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Matmul parameters one decoder token touches (attention, dense MLP, top-k experts, router, SC MLP)."""
+    h, total = cfg.hidden_size, 3 * cfg.hidden_size * cfg.intermediate_size
+    for i in range(cfg.num_hidden_layers):
+        d, kv = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
+        v = kv * d if cfg.layer_types[i] != "full_attention" else 0
+        total += h * cfg.num_attention_heads * d * 2 + h * kv * d + h * v
+        total += 3 * h * cfg.intermediate_size + 3 * h * cfg.moe_intermediate_size * cfg.top_k_experts
+        total += h * cfg.num_experts
+    return total
+
+
+def sampler_memory(budget_mb: float, device: str) -> dict:
+    """64 concurrent requests on a 262,144-token vocabulary (a narrow model): peak memory of the run."""
+    from .engine.engine import LLM
+    from .engine.request import SamplingParams
+
+    cfg = ModelConfig(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      layer_types=["sliding_attention", "full_attention"], num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=32, global_head_dim=32, num_experts=2, top_k_experts=1, moe_intermediate_size=32,
+                      canvas_length=16, sliding_window=64)
+    with torch.device(device):
+        model = init_weights(DiffusionGemma(cfg), seed=0).eval()
+    llm = LLM(model, tokenizer=None, max_num_seqs=64, max_model_len=64, sampler_memory_mb=budget_mb)
+    sp = [SamplingParams(max_tokens=16, seed=i, max_denoising_steps=2, ignore_eos=True) for i in range(64)]
+    prompts = prompts_for(64, 8, cfg.vocab_size)
+    with PeakMemory(device) as mem:
+        outs = llm.generate(prompts, sp)
+    naive = 64 * 16 * cfg.vocab_size * 4 / 2**20      # one fp32 (rows x canvas x vocab) tensor
+    return {"peak_mb": mem.mb, "budget_mb": budget_mb, "one_full_logits_tensor_mb": naive,
+            "completed": sum(o.finished for o in outs)}

@@ -1,0 +1,113 @@
+"""Orchestrates `blockdiff bench`: runs the measurements of `bench.py`, prints a table, writes a PNG,
+and prints one JSON line last with every figure (the contract benchmark readers rely on)."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import bench
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark blockdiff vs transformers vs AR decoding",
+                       description="Measure blockdiff's engine against transformers' generate() and AR decoding "
+                                   "on the same random-weight checkpoint. The last output line is JSON.")
+    p.add_argument("--preset", choices=sorted(bench.PRESETS), default="small",
+                   help="model shapes: small (10M), medium (54M), 26b-a4b (released shapes, GPU) (default small)")
+    p.add_argument("--steps", type=int, default=16, help="fixed denoising steps per canvas (default 16)")
+    p.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
+    p.add_argument("--canvases", type=int, default=2, help="canvases generated per request (default 2)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default 32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="blockdiff dtype; auto = bf16 where the device supports it (default auto)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--sampler-budget-mb", type=float, default=256, help="sampler temporary memory budget (MB)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where the plot and checkpoint go")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .engine.engine import LLM, auto_dtype
+
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    dtype = auto_dtype(args.device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(tempfile.mkdtemp(prefix="blockdiff-bench-"))
+    model = bench.build_checkpoint(args.preset, ckpt, torch.float32, args.device)
+    c = model.config.canvas_length
+    max_tokens = args.canvases * c
+    res = {"preset": args.preset, "device": str(args.device), "dtype": str(dtype).replace("torch.", ""),
+           "steps": args.steps, "canvas": c, "max_tokens": max_tokens, "threads": torch.get_num_threads(),
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    fp32 = LLM(model, tokenizer=None, max_num_seqs=16, max_model_len=args.prompt_len + max_tokens + c)
+    res["blockdiff_fp32_bs1_tok_s"] = bench.run_engine(fp32, 1, args.prompt_len, max_tokens, args.steps, True)["tok_s"]
+    del fp32
+    model = model.to(dtype)
+    llm = LLM(model, tokenizer=None, max_num_seqs=max(sizes), max_model_len=args.prompt_len + max_tokens + c,
+              sampler_memory_mb=args.sampler_budget_mb)
+    for bs in sizes:
+        for mode, fixed in (("fixed", True), ("adaptive", False)):
+            r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, fixed)
+            res.update({f"{mode}_bs{bs}_{k}": v for k, v in r.items()})
+            print(f"blockdiff {mode:8s} bs={bs:3d}: {r['tok_s']:8.1f} tok/s  p50 {r['p50_s']:.2f}s  "
+                  f"p99 {r['p99_s']:.2f}s  peak {r['peak_mem_mb']:.0f} MB", file=sys.stderr, flush=True)
+    res["ar_bs1_tok_s"] = bench.run_ar(model, args.prompt_len, max_tokens)
+    res["diffusion_vs_ar_bs1"] = res["fixed_bs1_tok_s"] / res["ar_bs1_tok_s"]
+    mm = bench.mm_throughput(model, 16 * c)
+    br = bench.step_breakdown(llm, min(16, max(sizes)), args.prompt_len)
+    res.update(mm_gflops=mm, **{f"step_{k}": v for k, v in br.items()})
+    res["matmul_fraction"] = br["network_gflops"] / mm
+    res["sampler_fraction"] = br["sampler_s"] / br["step_s"]
+    mem = bench.sampler_memory(args.sampler_budget_mb, args.device)
+    res.update(peak_sampler_mem_mb=mem["peak_mb"], sampler_mem_budget_mb=mem["budget_mb"],
+               sampler_mem_naive_mb=mem["one_full_logits_tensor_mb"], sampler_mem_completed=mem["completed"])
+    if not args.no_transformers and args.preset != "26b-a4b":
+        for bs in (1, 16):
+            hf = bench.run_transformers(ckpt, bs, args.prompt_len, max_tokens, args.steps, model.config.vocab_size)
+            res[f"transformers_bs{bs}_tok_s"] = hf
+            res[f"speedup_vs_transformers_bs{bs}"] = res.get(f"fixed_bs{bs}_tok_s", float("nan")) / hf
+        res["speedup_vs_transformers_bs1_fp32"] = res["blockdiff_fp32_bs1_tok_s"] / res["transformers_bs1_tok_s"]
+    print_table(res, sizes)
+    plot(res, sizes, args.out / f"bench_{args.preset}.png")
+    print(json.dumps(res, sort_keys=True))
+    return 0
+
+
+def print_table(res: dict, sizes: list[int]) -> None:
+    print(f"\n{res['preset']} preset, {res['params_m']:.1f}M params, {res['dtype']} on {res['device']}, "
+          f"{res['steps']} steps, canvas {res['canvas']}, {res['max_tokens']} tokens/request")
+    print(f"{'batch':>6} {'fixed tok/s':>12} {'adaptive tok/s':>15} {'p50 s':>7} {'p99 s':>7} {'peak MB':>8}")
+    for bs in sizes:
+        print(f"{bs:>6} {res[f'fixed_bs{bs}_tok_s']:>12.1f} {res[f'adaptive_bs{bs}_tok_s']:>15.1f} "
+              f"{res[f'fixed_bs{bs}_p50_s']:>7.2f} {res[f'fixed_bs{bs}_p99_s']:>7.2f} "
+              f"{res[f'fixed_bs{bs}_peak_mem_mb']:>8.0f}")
+    for key in ("transformers_bs1_tok_s", "transformers_bs16_tok_s", "speedup_vs_transformers_bs1",
+                "speedup_vs_transformers_bs16", "ar_bs1_tok_s", "diffusion_vs_ar_bs1", "matmul_fraction",
+                "sampler_fraction", "peak_sampler_mem_mb"):
+        if key in res:
+            print(f"{key:>32}: {res[key]:.3f}")
+
+
+def plot(res: dict, sizes: list[int], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(sizes, [res[f"fixed_bs{b}_tok_s"] for b in sizes], "o-", label=f"blockdiff, {res['steps']} fixed steps")
+    ax.plot(sizes, [res[f"adaptive_bs{b}_tok_s"] for b in sizes], "s--", label="blockdiff, adaptive stop")
+    hf = [(b, res[f"transformers_bs{b}_tok_s"]) for b in (1, 16) if f"transformers_bs{b}_tok_s" in res]
+    if hf:
+        ax.plot(*zip(*hf), "x:", label="transformers generate()")
+    ax.plot([1], [res["ar_bs1_tok_s"]], "^", label="blockdiff AR (same weights)")
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="tokens / s",
+           title=f"{res['preset']} preset on {res['device']} ({res['dtype']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,17 @@
+"""`blockdiff bench` runs end to end and keeps its contract: a table, a PNG, one JSON line last."""
+import json
+import subprocess
+import sys
+
+
+def test_bench_smoke(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "blockdiff.cli", "bench", "--preset", "small", "--batch-sizes", "1,2",
+                          "--steps", "1", "--canvases", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    for key in ("speedup_vs_transformers_bs1", "speedup_vs_transformers_bs16", "diffusion_vs_ar_bs1",
+                "matmul_fraction", "sampler_fraction", "peak_sampler_mem_mb", "fixed_bs2_tok_s", "adaptive_bs1_tok_s"):
+        assert isinstance(res[key], float) and res[key] > 0, key
+    assert res["sampler_mem_completed"] == 64
+    assert (tmp_path / "bench_small.png").stat().st_size > 1000

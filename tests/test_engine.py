@@ -153,3 +153,17 @@ def test_ar_greedy_matches_naive_and_is_batch_invariant(demo_path):
     sampled = ar_generate(model, prompts, max_tokens=12, temperature=1.0, seed=3).token_ids
     assert sampled[1] == ar_generate(model, prompts[1:], max_tokens=12, temperature=1.0, seed=4).token_ids[0]
     assert sampled != batched.token_ids
+
+
+def test_canvas_frames_only_when_asked(demo_path):
+    llm = LLM(demo_path)
+    sp = SamplingParams(max_tokens=20, seed=1, max_denoising_steps=3, fixed_steps=True, ignore_eos=True)
+    a = llm.add_request([5, 6, 7], sp, frames=True)
+    llm.add_request([5, 6, 8], sp)
+    frames = []
+    while llm.has_unfinished():
+        llm.step()
+        frames += llm.frames
+    assert {f.request_id for f in frames} == {a}
+    assert [(f.canvas, f.step) for f in frames] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    assert all(len(f.tokens) == 16 and len(f.confidence) == 16 and 0 < max(f.confidence) <= 1 for f in frames)

@@ -22,7 +22,7 @@ from ..checkpoint import load_model
 from ..model.transformer import DiffusionGemma
 from ..tokenizer import Tokenizer
 from .output import TextState
-from .request import Request, RequestOutput, RequestStats, SamplingParams
+from .request import CanvasFrame, Request, RequestOutput, RequestStats, SamplingParams
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
@@ -54,13 +54,16 @@ class LLM:
         self.states: dict[str, TextState] = {}
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.frames: list[CanvasFrame] = []     # frames of the last step, for requests that asked
 
     # ---- requests ---------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer else ""
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, frames: bool = False) -> str:
+        """Queue a request (text or token ids). With `frames`, every denoising step of its canvases
+        is published in `self.frames` after the `step()` that ran it."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -75,7 +78,7 @@ class LLM:
         if request_id in self.requests:
             raise ValueError(f"duplicate request_id {request_id!r}")
         seed = params.seed if params.seed is not None else random.randrange(2**62)
-        req = Request(request_id, ids, params, seed, prompt=text)
+        req = Request(request_id, ids, params, seed, prompt=text, frames=frames)
         self.scheduler.add(req)
         self.requests[request_id] = req
         self.states[request_id] = TextState(self._decode, self.eos_ids, params.max_tokens, params.stop,
@@ -110,6 +113,7 @@ class LLM:
         finished_rows = [i for i, d in enumerate(done) if d]
         for r in running:
             r.steps_in_canvas += 1
+        self.frames = self._frames(running)
         if not finished_rows:
             return []
         tokens = self.runner.last.argmax[finished_rows].cpu()
@@ -123,6 +127,17 @@ class LLM:
                 self.scheduler.kv.extend(r.slot, t.tolist())
                 r.committed_ids.extend(t.tolist())
         return outputs
+
+    def _frames(self, running: list[Request]) -> list[CanvasFrame]:
+        rows = [i for i, r in enumerate(running) if r.frames]
+        if not rows:
+            return []
+        last = self.runner.last
+        tokens, accepted = last.argmax[rows].tolist(), last.accept[rows].tolist()
+        confidence = last.confidence[rows].float().tolist()
+        return [CanvasFrame(running[i].request_id, running[i].canvases, running[i].steps_in_canvas,
+                            running[i].params.max_denoising_steps, t, a, c)
+                for i, t, a, c in zip(rows, tokens, accepted, confidence)]
 
     def _on_canvas(self, req: Request, ids: list[int], tokens: torch.Tensor, to_commit: list) -> RequestOutput:
         state = self.states[req.request_id]

@@ -53,6 +53,18 @@ class SamplingParams:
                                self.fixed_steps)
 
 
+@dataclass
+class CanvasFrame:
+    """One denoising step of one request's canvas, for live visualisation (only if asked for)."""
+    request_id: str
+    canvas: int                 # canvas ordinal within the request, from 0
+    step: int                   # steps done in this canvas, from 1
+    max_steps: int
+    tokens: list[int]           # current argmax per position
+    accepted: list[bool]        # accepted by the entropy bound at this step
+    confidence: list[float]     # max probability per position
+
+
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -66,6 +78,7 @@ class Request:
     params: SamplingParams
     seed: int
     prompt: str | None = None
+    frames: bool = False        # emit a CanvasFrame after every denoising step
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
     text: str = ""

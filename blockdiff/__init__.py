@@ -2,6 +2,9 @@
 from .checkpoint import load_model
 from .config import ModelConfig
 from .diffusion.reference import ReferenceOutput, reference_generate
+from .engine.engine import LLM
+from .engine.request import RequestOutput, SamplingParams
 from .model.transformer import DiffusionGemma
 
-__all__ = ["DiffusionGemma", "ModelConfig", "ReferenceOutput", "load_model", "reference_generate"]
+__all__ = ["LLM", "DiffusionGemma", "ModelConfig", "ReferenceOutput", "RequestOutput", "SamplingParams",
+           "load_model", "reference_generate"]

@@ -38,7 +38,7 @@ def add_generate(sub) -> None:
     p.add_argument("--fixed-steps", action="store_true", help="always run --steps steps (no early stopping)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text (default 0)")
     p.add_argument("--temperature", type=float, default=1.0,
-                   help="multiplies the t-min..t-max temperature schedule; 0 = greedy (default 1.0)")
+                   help="multiplies the t-min..t-max temperature schedule; 0 = greedy sampling (default 1.0)")
     p.add_argument("--t-min", type=float, default=0.4, help="temperature at the last step (default 0.4)")
     p.add_argument("--t-max", type=float, default=0.8, help="temperature at the first step (default 0.8)")
     p.add_argument("--entropy-bound", type=float, default=0.1,
@@ -50,30 +50,32 @@ def add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the tokenizer's chat template")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weights and activations dtype (default: the checkpoint's)")
+                   help="weights and activations dtype (default: bfloat16 where the device has fast bf16, "
+                        "else float32)")
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="KV-cache positions: prompt + generated tokens (default 4096)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args) -> int:
-    from .checkpoint import load_model
-    from .diffusion.params import DiffusionParams
-    from .generation import generate_text
-    from .tokenizer import Tokenizer
+    from .engine.engine import LLM
+    from .engine.request import SamplingParams
 
-    params = DiffusionParams(max_denoising_steps=args.steps, t_min=args.t_min, t_max=args.t_max,
-                             entropy_bound=args.entropy_bound, confidence_threshold=args.confidence_threshold,
-                             stability_threshold=args.stability_threshold, temperature=args.temperature,
-                             fixed_steps=args.fixed_steps)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                            stop=tuple(args.stop), max_denoising_steps=args.steps, fixed_steps=args.fixed_steps,
+                            t_min=args.t_min, t_max=args.t_max, entropy_bound=args.entropy_bound,
+                            confidence_threshold=args.confidence_threshold,
+                            stability_threshold=args.stability_threshold)
     path = args.model if args.model is not None else default_model_dir()
-    model = load_model(path, dtype=args.dtype, device=args.device)
-    tokenizer = Tokenizer.from_dir(path)
+    llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=1,
+              max_model_len=args.max_model_len)
     prompt = args.prompt
     if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    result = generate_text(model, tokenizer, prompt, max_tokens=args.max_tokens, params=params, seed=args.seed,
-                           stop=args.stop)
-    print(result.text)
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    for out in llm.stream(prompt, params):      # print each canvas's text as it commits
+        print(out.delta_text, end="", flush=True)
+    print()
     return 0
 
 

@@ -1,23 +1,19 @@
-"""User-facing text generation and the CLI: max_tokens, EOS, stop strings, seeds, errors."""
+"""User-facing text: max_tokens, EOS, stop strings, seeds, streaming text rules, and the CLI."""
 import subprocess
 import sys
 
 import pytest
 
 import blockdiff
-from blockdiff.diffusion.params import DiffusionParams
 from blockdiff.engine.output import TextState
-from blockdiff.generation import generate_text
 from blockdiff.random_model import create_random_model
-from blockdiff.tokenizer import Tokenizer
 
-FAST = DiffusionParams(max_denoising_steps=3)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     path = create_random_model(tmp_path_factory.mktemp("demo") / "m", seed=5)
-    return path, blockdiff.load_model(path), Tokenizer.from_dir(path)
+    return path, blockdiff.LLM(path, dtype="float32")
 
 
 def text_state(max_tokens=10, stop=()):
@@ -48,43 +44,46 @@ def test_text_state_holds_back_partial_utf8():
     assert st.add([data[1]]) == "é"
 
 
+def sp(**kw):
+    return blockdiff.SamplingParams(max_denoising_steps=3, **kw)
+
+
 @pytest.mark.parametrize("max_tokens", [1, 5, 16, 17])
 def test_max_tokens_is_exact(demo, max_tokens):
-    _, model, tok = demo
-    out = generate_text(model, tok, "Hello", max_tokens=max_tokens, params=FAST, seed=1)
+    llm = demo[1]
+    out = llm.generate("Hello", sp(max_tokens=max_tokens, seed=1))[0]
     assert len(out.token_ids) <= max_tokens
     if out.finish_reason == "length":
         assert len(out.token_ids) == max_tokens
-    assert tok.decode(out.token_ids) == out.text
+    assert llm.tokenizer.decode(out.token_ids) == out.text
 
 
 def test_same_seed_same_text(demo):
-    _, model, tok = demo
-    a = generate_text(model, tok, "Hello", max_tokens=20, params=FAST, seed=11)
-    b = generate_text(model, tok, "Hello", max_tokens=20, params=FAST, seed=11)
-    c = generate_text(model, tok, "Hello", max_tokens=20, params=FAST, seed=12)
+    llm = demo[1]
+    a, b, c = llm.generate(["Hello"] * 3, [sp(max_tokens=20, seed=11), sp(max_tokens=20, seed=11),
+                                           sp(max_tokens=20, seed=12)])
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
 
 
 def test_stop_string_ends_text(demo):
-    _, model, tok = demo
-    full = generate_text(model, tok, "Hello", max_tokens=40, params=FAST, seed=3)
+    llm = demo[1]
+    full = llm.generate("Hello", sp(max_tokens=40, seed=3, ignore_eos=True))[0]
     stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
-    out = generate_text(model, tok, "Hello", max_tokens=40, params=FAST, seed=3, stop=[stop])
+    out = llm.generate("Hello", sp(max_tokens=40, seed=3, ignore_eos=True, stop=[stop]))[0]
     assert out.finish_reason == "stop"
     assert out.text == full.text[:full.text.find(stop)]
     assert stop not in out.text
 
 
 def test_token_id_prompt_and_bad_prompts(demo):
-    _, model, tok = demo
-    assert generate_text(model, tok, [2, 50, 60], max_tokens=4, params=FAST).finish_reason in ("stop", "length")
-    with pytest.raises(ValueError, match="empty"):
-        generate_text(model, tok, [], max_tokens=4)
+    llm = demo[1]
+    assert llm.generate([2, 50, 60], sp(max_tokens=4))[0].finish_reason in ("stop", "length")
+    with pytest.raises(ValueError, match="non-empty"):
+        llm.generate([[]], sp(max_tokens=4))
     with pytest.raises(ValueError, match="token ids"):
-        generate_text(model, tok, [99999], max_tokens=4)
+        llm.generate([99999], sp(max_tokens=4))
     with pytest.raises(ValueError, match="max_tokens"):
-        generate_text(model, tok, "x", max_tokens=0)
+        sp(max_tokens=0)
 
 
 def cli(*args):
@@ -92,16 +91,19 @@ def cli(*args):
 
 
 def test_cli_generate(demo):
-    path, model, tok = demo
-    run = cli("generate", "Hello", "--model", str(path), "--max-tokens", "12", "--steps", "3", "--seed", "4")
+    path = demo[0]
+    run = cli("generate", "Hello", "--model", str(path), "--max-tokens", "12", "--steps", "3", "--seed", "4",
+              "--dtype", "float32")
     assert run.returncode == 0, run.stderr
-    expected = generate_text(model, tok, "Hello", max_tokens=12, params=FAST, seed=4).text
-    assert run.stdout == expected + "\n"
+    llm = blockdiff.LLM(path, dtype="float32")
+    expected = llm.generate("Hello", blockdiff.SamplingParams(max_tokens=12, max_denoising_steps=3, seed=4))[0]
+    assert run.stdout == expected.text + "\n"
 
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "x", "--model", "/does/not/exist"], "does not exist"),
     (["generate", "x", "--steps", "0"], "max_denoising_steps"),
+    (["generate", "x", "--top-p", "0"], "unrecognized arguments"),
     (["generate", "x", "--max-tokens", "-3"], "max_tokens"),
     (["generate", "x", "--steps", "many"], "invalid int value"),
 ])

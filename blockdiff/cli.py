@@ -83,11 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockdiff", description="Block-diffusion language models (DiffusionGemma).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
-    for module in ("blockdiff.train.data", "blockdiff.bench_report", "blockdiff.train.trainer"):
-        try:
-            __import__(module, fromlist=["add_cli"]).add_cli(sub)
-        except (ImportError, AttributeError):
-            pass
+    from .bench_report import add_cli as add_bench
+    from .train.data import add_cli as add_data
+    from .train.export import add_cli as add_export
+    from .train.trainer import add_cli as add_train
+
+    for add in (add_data, add_train, add_export, add_bench):
+        add(sub)
     return parser
 
 

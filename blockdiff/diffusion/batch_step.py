@@ -5,7 +5,8 @@ sync and no Python loop over rows: tempered logits, entropy, argmax, the sampled
 (inverse-CDF with counter-based uniforms, so a row's draw does not depend on the batch), entropy-
 bound acceptance, renoising, the stable-and-confident test and the next self-conditioning input.
 The (R, C, V) logits are processed in row tiles so temporary memory stays under a byte budget.
-Per-row knobs live in `RowKnobs` tensors; equal math to `reference.py` for a single row.
+Per-row knobs live in `RowKnobs` tensors; the same math as `reference.py` for a single row
+(entropy up to float rounding, see `denoise_tile`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .noise import RENOISE, hash_tokens, hash_uniform, inverse_cdf_sample
-from .sampler import entropy, entropy_bound_accept
+from .sampler import entropy_bound_accept
 
 
 @dataclass
@@ -64,14 +65,27 @@ def _filter_top(proc: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, us
     return proc
 
 
+def tempered_logits(model, hidden: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """`model.logits(hidden) / temp` with the softcap done in place: (r, C, H) -> (r, C, V) fp32.
+    Same values as the reference, fewer (C x V) temporaries."""
+    proc = torch.nn.functional.linear(hidden, model.embed_tokens.weight).float()
+    cap = model.config.final_logit_softcapping
+    if cap:
+        proc.div_(cap).tanh_().mul_(cap)
+    return proc.div_(temp[:, None, None])
+
+
 def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool):
-    """hidden (r, C, H) -> (argmax, sampled, accept, confidence, soft, entropy) for a tile of rows."""
+    """hidden (r, C, H) -> (argmax, sampled, accept, confidence, soft, entropy) for a tile of rows.
+    Entropy is `logsumexp - sum(p * logits)`, derived from the softmax already computed (equal to
+    the reference's Categorical entropy up to float rounding) to save passes over (C x V)."""
     cur = (knobs.num_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
     temp = knobs.t_min + knobs.t_span * (cur / knobs.num_steps.to(torch.int32))
-    proc = model.logits(hidden) / (temp * knobs.temp_scale)[:, None, None]      # (r, C, V) fp32
+    proc = tempered_logits(model, hidden, temp * knobs.temp_scale)  # (r, C, V) fp32
     probs = torch.softmax(proc, dim=-1)
-    ent = entropy(proc)
-    argmax = proc.argmax(-1)
+    top, argmax = proc.max(dim=-1)
+    confidence = probs.amax(-1)                                    # = 1 / sum(exp(proc - top))
+    ent = top - confidence.log() - (probs * proc).sum(-1)          # logsumexp - E_p[proc]
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
         if (use_k or use_p) else probs
     u = hash_uniform(knobs.seed, canvas_idx, step_idx, hidden.shape[1])
@@ -79,7 +93,7 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
     accept = entropy_bound_accept(ent, knobs.bound[:, None])
     w = model.embed_tokens.weight
     soft = torch.matmul(probs.to(w.dtype), w) * model.embed_scale(w.dtype).to(w.device)
-    return argmax, sampled, accept, probs.amax(-1), soft, ent
+    return argmax, sampled, accept, confidence, soft, ent
 
 
 def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,

@@ -40,11 +40,16 @@ def auto_dtype(device: str | torch.device) -> torch.dtype:
 class LLM:
     def __init__(self, model: str | Path | DiffusionGemma, tokenizer: Tokenizer | str | Path | None = None,
                  dtype: str | torch.dtype | None = None, device: str = "cpu", max_num_seqs: int = 16,
-                 max_model_len: int = 2048, sampler_memory_mb: float = 256):
+                 max_model_len: int = 2048, sampler_memory_mb: float = 256, attention: str = "eager"):
+        """`model`: a checkpoint directory (loaded in `dtype`, default bf16 where fast) or a model object
+        used as it is. `attention`: 'eager' (default) keeps every row's arithmetic independent of the
+        batch; 'sdpa' is faster but its CPU flash kernel rounds differently with the batch's padded
+        key length, so in bf16 a request's tokens can then depend on its neighbours."""
         if isinstance(model, DiffusionGemma):
             self.model = model
         else:
             self.model = load_model(model, dtype=dtype or auto_dtype(device), device=device)
+            self.model.set_attention_impl(attention)
             tokenizer = tokenizer if tokenizer is not None else model
         self.tokenizer = Tokenizer.from_dir(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         cfg = self.model.config

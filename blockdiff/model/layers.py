@@ -30,10 +30,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm is one fused kernel; on fp32 input it equals x * pow(mean(x^2) + eps, -0.5) * w
-        # bit for bit (checked by the bf16 parity tests), at a third of the kernel launches.
-        w = self.weight.float() if self.weight is not None else None
-        return F.rms_norm(x.float(), (x.shape[-1],), w, self.eps).to(x.dtype)
+        # F.rms_norm is one fused kernel that computes in fp32 and rounds once, equal bit for bit to
+        # x.float() * pow(mean(x^2) + eps, -0.5) * w.float() cast back (checked by the bf16 parity tests).
+        if self.weight is not None and self.weight.dtype != x.dtype:
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Rotary:

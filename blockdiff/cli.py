@@ -84,12 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate(sub)
     from .bench_report import add_cli as add_bench
+    from .server import add_cli as add_serve
     from .train.data import add_cli as add_data
     from .train.evaluate import add_cli as add_eval
     from .train.export import add_cli as add_export
     from .train.trainer import add_cli as add_train
 
-    for add in (add_data, add_train, add_export, add_eval, add_bench):
+    for add in (add_serve, add_data, add_train, add_export, add_eval, add_bench):
         add(sub)
     return parser
 

@@ -95,6 +95,12 @@ class LLM:
         if req is not None and not req.finished:
             req.finish_reason = "abort"
             self._finish(req)
+        self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        """Forget a finished request: its final output has been returned."""
+        self.requests.pop(request_id, None)
+        self.states.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -102,7 +108,8 @@ class LLM:
     # ---- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Admit, denoise every running canvas once, commit finished canvases. Returns an output for
-        every request that committed a canvas (or finished) in this step."""
+        every request that committed a canvas (or finished) in this step; finished requests are then
+        forgotten by the engine."""
         for req, alloc in self.scheduler.admit():
             self.runner.assign(req.slot, req.params, req.seed)
             if alloc.copy_from is not None:
@@ -131,6 +138,9 @@ class LLM:
             for r, t in to_commit:
                 self.scheduler.kv.extend(r.slot, t.tolist())
                 r.committed_ids.extend(t.tolist())
+        for out in outputs:
+            if out.finished:
+                self._release(out.request_id)
         return outputs
 
     def _frames(self, running: list[Request]) -> list[CanvasFrame]:
@@ -193,9 +203,6 @@ class LLM:
             for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
-        for rid in ids:
-            self.requests.pop(rid, None)
-            self.states.pop(rid, None)
         return [final[rid] for rid in ids]
 
     def stream(self, prompts: str | list, sampling_params: SamplingParams | list | None = None) -> Iterator[RequestOutput]:

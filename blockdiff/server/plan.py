@@ -1,0 +1,116 @@
+"""From a validated OpenAI request to engine work: token ids and one `SamplingParams` per choice.
+
+Contract: `build_plan(req, tokenizer, limits, model_name)` returns a `Plan` or raises `ApiError`
+(404 for an unknown model, 400 for anything the engine would refuse, so the engine thread never
+sees a request it rejects). Conventions:
+- Choice `j` of prompt `p` has index `p * n + j` (OpenAI's order) and, when the request has a
+  seed, seed `seed + index`: the same request with the same seed gives the same choices.
+- Chat prompts are the tokenizer's chat template (`Tokenizer.apply_chat_template`; without a
+  template in tokenizer_config.json, the documented Gemma-style fallback) encoded with BOS.
+- `max_tokens` (chat: also `max_completion_tokens`) is exact. Defaults: 16 for completions (as
+  OpenAI); for chat, everything the context has room for, in whole canvases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engine.request import SamplingParams
+from ..tokenizer import Tokenizer
+from .protocol import KNOBS, ApiError, ChatCompletionRequest, CompletionRequest, FrameOptions
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    canvas_length: int
+    max_model_len: int
+
+    def room(self, prompt_len: int) -> int:
+        """Most new tokens a prompt of this length leaves room for (the engine reserves whole canvases)."""
+        return (self.max_model_len - prompt_len) // self.canvas_length * self.canvas_length
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str                      # "chat" | "completion"
+    model: str
+    choices: list[Choice]
+    prompt_tokens: int             # each prompt counted once, whatever n is
+    stream: bool
+    include_usage: bool
+    frames: FrameOptions | None
+
+
+def build_plan(req: CompletionRequest | ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits,
+               model_name: str) -> Plan:
+    if req.model != model_name:
+        raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
+                       param="model", code="model_not_found")
+    if isinstance(req, ChatCompletionRequest):
+        kind, param, prompts = "chat", "messages", [_chat_ids(req, tokenizer)]
+        max_tokens = req.max_completion_tokens or req.max_tokens
+    else:
+        kind, param, prompts = "completion", "prompt", _completion_ids(req.prompt, tokenizer, limits.vocab_size)
+        max_tokens = req.max_tokens
+    choices = []
+    for p, ids in enumerate(prompts):
+        room = limits.room(len(ids))
+        if room < 1:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this model's context is {limits.max_model_len} "
+                           f"tokens with {limits.canvas_length}-token canvases", param=param,
+                           code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise ApiError(400, f"max_tokens={max_tokens} does not fit: the prompt ({len(ids)} tokens) leaves "
+                           f"room for {room} new tokens (context {limits.max_model_len})", param="max_tokens",
+                           code="context_length_exceeded")
+        for j in range(req.n):
+            index = p * req.n + j
+            choices.append(Choice(index, ids, _sampling_params(req, max_tokens or room, index)))
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Plan(kind, model_name, choices, sum(len(ids) for ids in prompts), req.stream, include_usage,
+                req.blockdiff_frames)
+
+
+def _chat_ids(req: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages)
+    except Exception as e:           # a Jinja template may raise on roles it does not support
+        raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+    return tokenizer.encode(text)
+
+
+def _completion_ids(prompt, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [tokenizer.encode(prompt)]
+    elif all(isinstance(x, str) for x in prompt):
+        prompts = [tokenizer.encode(s) for s in prompt]
+    elif all(isinstance(x, int) for x in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(x) for x in prompt]
+    if len(prompts) > 16:
+        raise ApiError(400, "at most 16 prompts per request", param="prompt", code="invalid_value")
+    for ids in prompts:
+        if not ids:
+            raise ApiError(400, "a prompt encodes to no tokens", param="prompt", code="invalid_value")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise ApiError(400, f"token ids must be in [0, {vocab_size})", param="prompt", code="invalid_value")
+    return prompts
+
+
+def _sampling_params(req, max_tokens: int, index: int) -> SamplingParams:
+    knobs = {k: getattr(req, k) for k in KNOBS if getattr(req, k) is not None}
+    seed = None if req.seed is None else req.seed + index
+    try:
+        return SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, **knobs)
+    except ValueError as e:          # cross-field rules, e.g. t_max > t_min: the message names the field
+        field = str(e).split()[0]
+        raise ApiError(400, str(e), param=field if field in KNOBS else None, code="invalid_value") from None

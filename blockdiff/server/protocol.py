@@ -1,0 +1,173 @@
+"""OpenAI request bodies: parsing and validation. No engine, no HTTP framework here.
+
+Contract: `parse_request(raw_bytes, CompletionRequest | ChatCompletionRequest)` returns a validated
+pydantic model or raises `ApiError` (status 400) whose message names the offending field. Rules:
+- Bodies are strict JSON objects: no NaN/Infinity, no type coercion ("5" is not an integer).
+- Fields OpenAI defines but this server cannot honour (`UNSUPPORTED`, e.g. logit_bias, penalties,
+  response_format, tools, logprobs) are accepted only with their neutral value (null, 0, false,
+  {}, ...); any other value is a 400 naming the field. Unknown fields are a 400 too: nothing is
+  silently ignored.
+- The diffusion knobs are extra top-level fields with the names of `SamplingParams`
+  (max_denoising_steps, fixed_steps, entropy_bound, t_min, t_max, confidence_threshold,
+  stability_threshold, top_k, ignore_eos). The openai client sends them with `extra_body={...}`.
+- `blockdiff_frames: {"max_fps": 20}` asks a streaming request for live denoising frames.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_N = 16                  # choices per request
+MAX_STOP = 4                # stop strings, as OpenAI
+MAX_DENOISING_STEPS = 512   # per canvas; bounds the work one request can ask for
+MAX_SEED = 2**62            # seeds are int64 in the sampler; choice i uses seed + i
+
+# field -> neutral values that change nothing and are therefore accepted
+UNSUPPORTED: dict[str, tuple] = {
+    "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
+    "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "parallel_tool_calls": (True, False), "store": (False,),
+    "metadata": ({},), "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (),
+    "web_search_options": (), "service_tier": ("auto", "default"), "min_p": (0,), "min_tokens": (0,),
+}
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI error body {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class FrameOptions(_Strict):
+    """Live denoising frames in the stream, at most `max_fps` per choice (the latest wins)."""
+    max_fps: float = Field(20.0, gt=0, le=240)
+
+
+class _Common(_Strict):
+    model: str
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None                      # opaque end-user id, as OpenAI: recorded nowhere
+    # diffusion knobs: the names and meaning of SamplingParams
+    top_k: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    max_denoising_steps: int | None = Field(None, ge=1, le=MAX_DENOISING_STEPS)
+    fixed_steps: bool | None = None
+    entropy_bound: float | None = Field(None, gt=0)
+    t_min: float | None = Field(None, ge=0)
+    t_max: float | None = Field(None, ge=0)
+    confidence_threshold: float | None = Field(None, gt=0)
+    stability_threshold: int | None = Field(None, ge=0, le=MAX_DENOISING_STEPS)
+    blockdiff_frames: FrameOptions | None = None
+
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+KNOBS = ("temperature", "top_p", "top_k", "ignore_eos", "max_denoising_steps", "fixed_steps", "entropy_bound",
+         "t_min", "t_max", "confidence_threshold", "stability_threshold")
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)     # OpenAI's default for completions
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)   # None: as many as the context allows
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ApiError(400, f"invalid JSON: {name} is not a valid JSON number", code="invalid_json")
+
+
+def _neutral(value: Any, neutral: Any) -> bool:
+    if isinstance(value, bool) or isinstance(neutral, bool):     # True == 1 in Python: compare types
+        return type(value) is type(neutral) and value == neutral
+    return value == neutral
+
+
+def parse_request(raw: bytes, model: type[_Common]) -> _Common:
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:     # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    for name, neutral in UNSUPPORTED.items():
+        if name in body:
+            value = body.pop(name)
+            if value is not None and not any(_neutral(value, n) for n in neutral):
+                raise ApiError(400, f"'{name}' is not supported by this server (send null or omit it)",
+                               param=name, code="unsupported_parameter")
+    try:
+        req = model.model_validate(body)
+    except ValidationError as e:
+        raise _from_validation(e) from None
+    _check_common(req)
+    return req
+
+
+def _from_validation(e: ValidationError) -> ApiError:
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"] if not _is_type_tag(p)]
+    param = ".".join(loc) or None
+    if err["type"] == "extra_forbidden":
+        return ApiError(400, f"unknown field '{param}'", param=param, code="unknown_parameter")
+    if err["type"] == "missing":
+        return ApiError(400, f"'{param}' is required", param=param, code="missing_required_parameter")
+    return ApiError(400, f"invalid '{param}': {err['msg']}", param=param, code="invalid_value")
+
+
+def _is_type_tag(part) -> bool:
+    """Union members show up in error locations as 'str', 'list[int]', 'TextPart', ...: not fields."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper())
+
+
+def _check_common(req: _Common) -> None:
+    stops = req.stop_list()
+    if len(stops) > MAX_STOP or not all(stops):
+        raise ApiError(400, f"'stop' takes 1 to {MAX_STOP} non-empty strings", param="stop", code="invalid_value")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    if req.blockdiff_frames is not None and not req.stream:
+        raise ApiError(400, "'blockdiff_frames' needs 'stream': true", param="blockdiff_frames")
+    if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) and not req.prompt:
+        raise ApiError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")

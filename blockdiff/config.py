@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,10 @@ class ModelConfig:
         if self.layer_types is None:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
         self.layer_types = list(self.layer_types)
+        if self.layer_types and self.layer_types[-1] != FULL:
+            # transformers forces the last layer to full attention; mirror it so both read one model
+            warnings.warn("the last layer must use full_attention; forcing it", stacklevel=2)
+            self.layer_types[-1] = FULL
         if self.rope_parameters is None:
             self.rope_parameters = copy.deepcopy(DEFAULT_ROPE)
         self.validate()

@@ -168,3 +168,11 @@ def test_released_shapes_from_config():
     assert model.layers[0].self_attn.k_proj.weight.shape == (2048, 2816)
     assert model.layers[0].experts.gate_up_proj.shape == (128, 1408, 2816)
     assert sum(p.numel() for p in model.parameters()) == 25_250_986_752
+
+
+def test_last_layer_is_forced_to_full_attention_like_transformers():
+    with pytest.warns(UserWarning, match="full_attention"):
+        cfg = tiny_config(layer_types=["full_attention", "sliding_attention"] * 2)
+    assert cfg.layer_types[-1] == "full_attention"
+    default = tiny_config(layer_types=None, num_hidden_layers=8)
+    assert [i for i, t in enumerate(default.layer_types) if t == "full_attention"] == [5, 7]

@@ -105,6 +105,25 @@ class LLM:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    # ---- read-only facts for servers and monitors (they never touch the scheduler or the model) ----
+    @property
+    def running_ids(self) -> list[str]:
+        return [r.request_id for r in self.scheduler.running]
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.scheduler.kv.busy)
+
+    @property
+    def limits(self) -> tuple[int, int, int]:
+        """(vocab_size, canvas_length, max_model_len)."""
+        cfg = self.model.config
+        return cfg.vocab_size, cfg.canvas_length, self.scheduler.max_model_len
+
     # ---- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Admit, denoise every running canvas once, commit finished canvases. Returns an output for

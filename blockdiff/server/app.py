@@ -105,8 +105,7 @@ class Guard:
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     metrics = Metrics()
     engine = AsyncEngine(llm, metrics, config.max_queue)
-    cfg = llm.model.config
-    limits = Limits(cfg.vocab_size, cfg.canvas_length, llm.scheduler.max_model_len)
+    limits = Limits(*llm.limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

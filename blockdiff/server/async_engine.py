@@ -92,7 +92,7 @@ class RequestGroup:
 class AsyncEngine:
     def __init__(self, llm: LLM, metrics: Metrics, max_queue: int):
         self.llm, self.metrics = llm, metrics
-        self.capacity = llm.scheduler.kv.num_free + max_queue
+        self.capacity = llm.num_slots + max_queue
         self.inbox: queue.Queue = queue.Queue()
         self.in_flight = 0                                   # choices submitted and not closed (loop side)
         self.groups: dict[str, RequestGroup] = {}            # engine thread side
@@ -172,7 +172,7 @@ class AsyncEngine:
                 if count:
                     self.metrics.on_abort()
                 self._forget(rid)
-        self.metrics.on_step(len(self.llm.scheduler.running), len(self.llm.scheduler.waiting))
+        self.metrics.on_step(len(self.llm.running_ids), self.llm.num_waiting)
 
     def _notify(self, group: RequestGroup, updates: list, frames: list, error: str | None) -> None:
         try:
@@ -184,7 +184,7 @@ class AsyncEngine:
         t0 = time.perf_counter()
         outputs = self.llm.step()
         dt = time.perf_counter() - t0
-        for rid in {r.request_id for r in self.llm.scheduler.running} | {o.request_id for o in outputs}:
+        for rid in set(self.llm.running_ids) | {o.request_id for o in outputs}:
             self.busy[rid] += dt
         per_group: dict[RequestGroup, tuple[list, list]] = {}
         for f in self.llm.frames:
@@ -200,7 +200,7 @@ class AsyncEngine:
             per_group.setdefault(group, ([], []))[0].append(update)
             if out.finished:
                 self._forget(out.request_id)
-        self.metrics.on_step(len(self.llm.scheduler.running), len(self.llm.scheduler.waiting))
+        self.metrics.on_step(len(self.llm.running_ids), self.llm.num_waiting)
         for group, (updates, frames) in per_group.items():
             self._notify(group, updates, frames, None)
 
@@ -216,4 +216,4 @@ class AsyncEngine:
                 log.exception("abort failed")
             self._forget(rid)
             self._notify(group, [], [], message)
-        self.metrics.on_step(len(self.llm.scheduler.running), len(self.llm.scheduler.waiting))
+        self.metrics.on_step(len(self.llm.running_ids), self.llm.num_waiting)

@@ -28,6 +28,7 @@ PRESETS = {
                   num_key_value_heads=2, head_dim=64, global_head_dim=64, num_global_key_value_heads=2,
                   num_experts=8, top_k_experts=2, moe_intermediate_size=128, canvas_length=64, sliding_window=256),
     "medium": dict(vocab_size=16384, hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention", "sliding_attention", "full_attention"],
                    num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
                    num_global_key_value_heads=2, num_experts=8, top_k_experts=2, moe_intermediate_size=256,
                    canvas_length=256, sliding_window=512),
@@ -162,8 +163,9 @@ def run_ar(model, prompt_len: int, max_tokens: int) -> float:
 
 
 def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
-    """Time one denoising step's parts on `batch` rows: network (decoder + LM head + soft-embedding
-    matmuls) vs sampler (the rest of the step: softmax, entropy, sort, sampling, acceptance)."""
+    """Time one denoising step's parts on `batch` rows: network (the decoder forward plus the bare
+    LM-head and soft-embedding matmuls) vs sampler (the rest of the step: softcap, temperature,
+    softmax, entropy, sort, sampling, acceptance, state updates)."""
     from .engine.request import SamplingParams
 
     model, runner, c = llm.model, llm.runner, llm.model.config.canvas_length
@@ -185,7 +187,7 @@ def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
         hidden = decoder()
         probs = torch.softmax(model.logits(hidden), -1).to(model.dtype)
         t_dec = timed(decoder, model.device, 3)
-        t_head = timed(lambda: model.logits(hidden), model.device, 3)
+        t_head = timed(lambda: torch.nn.functional.linear(hidden, model.embed_tokens.weight), model.device, 3)
         t_soft = timed(lambda: probs @ model.embed_tokens.weight, model.device, 3)
         t_step = timed(lambda: runner.denoise(slots, lengths), model.device, 3)
     cfg = model.config

@@ -1,6 +1,5 @@
 """Checkpoint and config I/O: round trips with transformers, strictness, bad input."""
 import json
-import shutil
 
 import pytest
 import torch

@@ -14,7 +14,7 @@ import itertools
 import random
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Callable
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from .async_engine import RequestGroup, Update
+from .async_engine import RequestGroup
 from .chunks import Formatter, Totals, sse
 from .plan import Plan
 from .protocol import ApiError

@@ -6,11 +6,10 @@ naming the field, when the config is built.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, read_json_object
 from .objective import Objective
 
 
@@ -89,16 +88,7 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no train config at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "train config"))
 
 
 TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict, "list": list}

@@ -286,16 +286,10 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blockdiff.train.trainer", description="Train a model.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return _run_cli(args)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"blockdiff: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    """`python -m blockdiff.train.trainer CONFIG ...` (what torchrun launches) = `blockdiff train CONFIG ...`."""
+    from ..cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

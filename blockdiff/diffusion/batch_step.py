@@ -65,39 +65,54 @@ def _filter_top(proc: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, us
     return proc
 
 
-def tempered_logits(model, hidden: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
-    """`model.logits(hidden) / temp` with the softcap done in place: (r, C, H) -> (r, C, V) fp32.
-    Same values as the reference, fewer (C x V) temporaries."""
-    proc = torch.nn.functional.linear(hidden, model.embed_tokens.weight).float()
-    cap = model.config.final_logit_softcapping
+def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float):
+    """Raw LM-head output (r, C, V) -> tempered fp32 logits, probs, argmax, max prob, entropy.
+    Softcap then divide by the temperature, exactly as the reference. Entropy is
+    `logsumexp - sum(p * logits)`, from the softmax already computed (equal to the reference's
+    Categorical entropy up to float rounding) to save passes over (C x V)."""
+    proc = logits.float()
     if cap:
-        proc.div_(cap).tanh_().mul_(cap)
-    return proc.div_(temp[:, None, None])
-
-
-def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool):
-    """hidden (r, C, H) -> (argmax, sampled, accept, confidence, soft, entropy) for a tile of rows.
-    Entropy is `logsumexp - sum(p * logits)`, derived from the softmax already computed (equal to
-    the reference's Categorical entropy up to float rounding) to save passes over (C x V)."""
-    cur = (knobs.num_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
-    temp = knobs.t_min + knobs.t_span * (cur / knobs.num_steps.to(torch.int32))
-    proc = tempered_logits(model, hidden, temp * knobs.temp_scale)  # (r, C, V) fp32
+        proc = torch.tanh(proc / cap) * cap
+    proc = proc / temp[:, None, None]
     probs = torch.softmax(proc, dim=-1)
     top, argmax = proc.max(dim=-1)
     confidence = probs.amax(-1)                                    # = 1 / sum(exp(proc - top))
     ent = top - confidence.log() - (probs * proc).sum(-1)          # logsumexp - E_p[proc]
+    return proc, probs, argmax, confidence, ent
+
+
+_compiled_core = None
+
+
+def compiled_sampler_core():
+    """`sampler_core` through torch.compile (one fused loop per row instead of ~10 passes over
+    (C x V)); compiled once for dynamic shapes, ~25 s on a 2-core CPU the first time."""
+    global _compiled_core
+    if _compiled_core is None:
+        _compiled_core = torch.compile(sampler_core, dynamic=True)
+    return _compiled_core
+
+
+def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
+                 compiled: bool = False):
+    """hidden (r, C, H) -> (argmax, sampled, accept, confidence, soft, entropy) for a tile of rows."""
+    cur = (knobs.num_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
+    temp = knobs.t_min + knobs.t_span * (cur / knobs.num_steps.to(torch.int32))
+    w = model.embed_tokens.weight
+    core = compiled_sampler_core() if compiled else sampler_core
+    proc, probs, argmax, confidence, ent = core(torch.nn.functional.linear(hidden, w), temp * knobs.temp_scale,
+                                                model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
         if (use_k or use_p) else probs
     u = hash_uniform(knobs.seed, canvas_idx, step_idx, hidden.shape[1])
     sampled = torch.where(knobs.greedy[:, None], argmax, inverse_cdf_sample(sample_probs, u))
     accept = entropy_bound_accept(ent, knobs.bound[:, None])
-    w = model.embed_tokens.weight
     soft = torch.matmul(probs.to(w.dtype), w) * model.embed_scale(w.dtype).to(w.device)
     return argmax, sampled, accept, confidence, soft, ent
 
 
 def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,
-                 use_k: bool = False, use_p: bool = False) -> tuple[StepOut, torch.Tensor]:
+                 use_k: bool = False, use_p: bool = False, compiled: bool = False) -> tuple[StepOut, torch.Tensor]:
     """All rows in tiles. history (R, S_max, C) previous argmax canvases (-1 filled at canvas start).
     Returns the step outputs and the updated history."""
     r, c, _ = hidden.shape
@@ -106,7 +121,7 @@ def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, 
     for lo in range(0, r, tile):
         sl = slice(lo, lo + tile)
         sub = RowKnobs(*(getattr(knobs, f)[sl] for f in RowKnobs.__dataclass_fields__))
-        parts.append(denoise_tile(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p))
+        parts.append(denoise_tile(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p, compiled))
     argmax, sampled, accept, conf, soft, ent = (torch.cat(x) for x in zip(*parts))
     noise = hash_tokens(knobs.seed, canvas_idx, step_idx, RENOISE, c, model.config.vocab_size)
     next_canvas = torch.where(accept, sampled, noise)

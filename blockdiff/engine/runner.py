@@ -31,7 +31,8 @@ def knob_values(p: SamplingParams, seed: int) -> dict:
 
 
 class ModelRunner:
-    def __init__(self, model, num_slots: int, max_len: int, sampler_budget_mb: float = 256, max_stability: int = 4):
+    def __init__(self, model, num_slots: int, max_len: int, sampler_budget_mb: float = 256, max_stability: int = 4,
+                 compile_sampler: bool = False):
         cfg, dev = model.config, model.device
         self.model, self.c, self.device = model, cfg.canvas_length, dev
         self.cache = SlotCache(cfg, num_slots, max_len, model.dtype, dev)
@@ -43,6 +44,7 @@ class ModelRunner:
         self.canvas_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.knobs = {k: torch.zeros(num_slots, dtype=d, device=dev) for k, d in KNOB_DTYPES.items()}
         self.last: StepOut | None = None
+        self.compile_sampler = compile_sampler
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:
@@ -91,7 +93,7 @@ class ModelRunner:
         hidden = self.model.denoise_with(self.canvas[idx], positions, ctx, self.soft[idx])
         knobs = RowKnobs(**{k: v[idx] for k, v in self.knobs.items()})
         out, history = denoise_rows(self.model, hidden, knobs, self.step_idx[idx], self.canvas_idx[idx],
-                                    self.history[idx], self.budget, use_k, use_p)
+                                    self.history[idx], self.budget, use_k, use_p, self.compile_sampler)
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
         self.step_idx[idx] += 1
         done = out.stop | (self.step_idx[idx] >= knobs.num_steps)

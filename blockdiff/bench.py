@@ -121,7 +121,8 @@ def run_engine(llm, batch: int, prompt_len: int, max_tokens: int, steps: int, fi
     sp = [SamplingParams(max_tokens=max_tokens, seed=i, max_denoising_steps=steps, fixed_steps=fixed,
                          ignore_eos=True) for i in range(batch)]
     prompts = prompts_for(batch, prompt_len, llm.model.config.vocab_size)
-    llm.generate(prompts[:1], sp[0])                                   # warm-up
+    warm = SamplingParams(max_tokens=1, seed=0, max_denoising_steps=2, fixed_steps=True, ignore_eos=True)
+    llm.generate(prompts, [warm] * batch)          # warm-up at full batch: allocator and caches settle
     with PeakMemory(llm.model.device) as mem:
         start = time.perf_counter()
         outs = llm.generate(prompts, sp)

@@ -28,8 +28,9 @@ def export_run(run_dir: Path, dest: Path, dtype: str = "bfloat16", corpus_dir: P
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
     manifest = json.loads((corpus_dir / "manifest.json").read_text()) if corpus_dir else None
+    planned = json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {}).get("max_steps")
     card = model_card(model, run_dir, train[-1] if train else {}, val[-1] if val else {}, manifest,
-                      _samples(dest, samples), dtype)
+                      _samples(dest, samples), dtype, planned)
     (dest / "README.md").write_text(card)
     return dest
 
@@ -45,13 +46,17 @@ def _samples(dest: Path, n: int) -> list[tuple[str, str]]:
 
 
 def model_card(model, run_dir: Path, train: dict, val: dict, manifest: dict | None,
-               samples: list[tuple[str, str]], dtype: str) -> str:
+               samples: list[tuple[str, str]], dtype: str, planned_steps: int | None = None) -> str:
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
+    step = train.get("step")
+    interim = planned_steps is not None and step is not None and step < planned_steps
+    status = (f"**Interim checkpoint: {step} of {planned_steps} planned optimizer steps.** Training continues in "
+              "later sessions; until then the text is far from fluent." if interim else
+              "It is a demo-scale model: expect locally fluent but incoherent text.")
     lines = [f"# blockdiff default model ({params / 1e6:.1f}M parameters, {dtype})", "",
              "A small DiffusionGemma-architecture block-diffusion language model trained from scratch by the "
-             "blockdiff project on public-domain and permissively licensed text. It is a demo-scale model: "
-             "expect locally fluent but incoherent text.", "",
+             "blockdiff project on public-domain and permissively licensed text. " + status, "",
              "## Architecture", "",
              f"vocab {cfg.vocab_size} (byte-level BPE), hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
              f"({', '.join(cfg.layer_types)}), {cfg.num_attention_heads} heads, {cfg.num_experts} experts top-"

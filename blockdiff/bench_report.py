@@ -34,12 +34,17 @@ def add_cli(sub) -> None:
 
 
 def run(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="blockdiff-bench-") as tmp:
+        return measure(args, Path(tmp))
+
+
+def measure(args, ckpt: Path) -> int:
+    """All measurements on one random checkpoint written to `ckpt` (transformers reads it too)."""
     from .engine.engine import LLM, auto_dtype
 
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     dtype = auto_dtype(args.device) if args.dtype == "auto" else getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(tempfile.mkdtemp(prefix="blockdiff-bench-"))
     model = bench.build_checkpoint(args.preset, ckpt, torch.float32, args.device)
     c = model.config.canvas_length
     max_tokens = args.canvases * c

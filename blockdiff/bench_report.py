@@ -40,7 +40,8 @@ def run(args) -> int:
 
 def measure(args, ckpt: Path) -> int:
     """All measurements on one random checkpoint written to `ckpt` (transformers reads it too)."""
-    from .engine.engine import LLM, auto_dtype
+    from .engine.engine import LLM
+    from .hardware import auto_dtype
 
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     dtype = auto_dtype(args.device) if args.dtype == "auto" else getattr(torch, args.dtype)

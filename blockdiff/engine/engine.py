@@ -19,22 +19,13 @@ from typing import Iterator
 import torch
 
 from ..checkpoint import load_model
+from ..hardware import auto_dtype
 from ..model.transformer import DiffusionGemma
 from ..tokenizer import Tokenizer
 from .output import TextState
 from .request import CanvasFrame, Request, RequestOutput, RequestStats, SamplingParams
 from .runner import ModelRunner
 from .scheduler import Scheduler
-
-
-def auto_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 / AMX, ~2.5x fp32 here), else fp32."""
-    if str(device).startswith("cuda"):
-        return torch.bfloat16
-    cpu = torch.cpu
-    fast = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported",
-                                                                                 lambda: False)()
-    return torch.bfloat16 if fast else torch.float32
 
 
 class LLM:

@@ -20,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import FULL
 from ..model.attention import DenseContext, additive_mask
 from ..model.transformer import DiffusionGemma
+from .vocab_ops import head_cross_entropy, soft_embedding_from_hidden
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,13 @@ def forward_hidden(model: DiffusionGemma, x: torch.Tensor, x_noisy: torch.Tensor
     return h[:, :length], h[:, length:]
 
 
-def encoder_ce(model: DiffusionGemma, clean_hidden: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def encoder_ce(model: DiffusionGemma, clean_hidden: torch.Tensor, x: torch.Tensor, compiled: bool = False):
     """Next-token CE of the encoder: logits at i predict x[i+1]."""
-    logits = model.logits(clean_hidden[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    return head_cross_entropy(model, clean_hidden[:, :-1], x[:, 1:], compiled)
 
 
 def diffusion_loss(model: DiffusionGemma, x: torch.Tensor, objective: Objective,
-                   generator: torch.Generator | None = None, masks=None) -> Losses:
+                   generator: torch.Generator | None = None, masks=None, compiled: bool = False) -> Losses:
     """Corrupt x (B, L), run the self-conditioning first pass, and return the second pass's losses."""
     config = model.config
     b, length = x.shape
@@ -146,32 +145,33 @@ def diffusion_loss(model: DiffusionGemma, x: torch.Tensor, objective: Objective,
     masks = masks if masks is not None else training_masks(config, length, True, model.dtype, x.device)
     with torch.no_grad():
         _, noisy_hidden = forward_hidden(model, x, x_noisy, None, masks)
-        soft = model.soft_embedding(model.logits(noisy_hidden)) * use_sc[:, None, None].to(model.dtype)
+        soft = soft_embedding_from_hidden(model, noisy_hidden, compiled)
+        soft = soft * use_sc[:, None, None].to(soft.dtype)
     clean_hidden, noisy_hidden = forward_hidden(model, x, x_noisy, soft, masks)
-    logits = model.logits(noisy_hidden)
-    decoder = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1))
-    encoder = encoder_ce(model, clean_hidden, x)
+    decoder = head_cross_entropy(model, noisy_hidden, x, compiled)
+    encoder = encoder_ce(model, clean_hidden, x, compiled)
     loss = decoder + objective.encoder_loss_weight * encoder
     return Losses(loss, decoder.detach(), encoder.detach())
 
 
-def ar_loss(model: DiffusionGemma, x: torch.Tensor, masks=None) -> Losses:
+def ar_loss(model: DiffusionGemma, x: torch.Tensor, masks=None, compiled: bool = False) -> Losses:
     """The autoregressive baseline: the encoder alone, causal, next-token CE."""
     length = x.shape[1]
     masks = masks if masks is not None else training_masks(model.config, length, False, model.dtype, x.device)
     positions = torch.arange(length, device=x.device)[None]
     h = model.norm(model.run_layers(model.embed(x), positions, DenseContext(masks), "encoder"))
-    encoder = encoder_ce(model, h, x)
+    encoder = encoder_ce(model, h, x, compiled)
     return Losses(encoder, None, encoder.detach())
 
 
 class TrainingModel(nn.Module):
     """The model plus its objective behind one `forward`, so DDP/FSDP hooks see every step."""
 
-    def __init__(self, model: DiffusionGemma, objective: Objective):
+    def __init__(self, model: DiffusionGemma, objective: Objective, compile_vocab_ops: bool = False):
         super().__init__()
         self.model = model
         self.objective = objective
+        self.compile_vocab_ops = compile_vocab_ops
         self._masks: dict = {}
 
     def masks(self, length: int, device) -> dict[str, torch.Tensor]:
@@ -184,5 +184,5 @@ class TrainingModel(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Losses:
         masks = self.masks(x.shape[1], x.device)
         if self.objective.kind == "ar":
-            return ar_loss(self.model, x, masks)
-        return diffusion_loss(self.model, x, self.objective, generator, masks)
+            return ar_loss(self.model, x, masks, self.compile_vocab_ops)
+        return diffusion_loss(self.model, x, self.objective, generator, masks, self.compile_vocab_ops)

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError
+from ..hardware import auto_dtype
 from ..model.init import init_weights
 from ..model.transformer import DiffusionGemma
 from . import distributed, monitor, state
@@ -105,7 +106,7 @@ class Run:
         model.set_attention_impl(cfg.attn_impl)
         if cfg.objective == "ar":       # the AR baseline never uses self-conditioning
             model.self_conditioning.requires_grad_(False)
-        self.module = TrainingModel(model.to(d.device).train(), cfg.objective_spec())
+        self.module = TrainingModel(model.to(d.device).train(), cfg.objective_spec(), cfg.compile)
         self.wrapped = distributed.wrap(self.module, d, cfg.fsdp)
         self.optimizer = build_optimizer(model, cfg)
         if snapshot:
@@ -116,8 +117,11 @@ class Run:
         self.log = monitor.RunLog(self.out / "log.jsonl")
         if d.main:
             self.log.truncate_after(self.step)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and d.device.type == "cuda"
-                         else contextlib.nullcontext())
+        fast_bf16 = auto_dtype(d.device) == torch.bfloat16
+        # No cast cache under FSDP2: it re-gathers the same parameter objects for the second
+        # (self-conditioned) pass, and a bf16 copy cached during the no-grad first pass has no grad path.
+        self.autocast = (torch.autocast(d.device.type, dtype=torch.bfloat16, cache_enabled=not cfg.fsdp)
+                         if cfg.bf16 and fast_bf16 else contextlib.nullcontext())
 
     def _new_model(self) -> DiffusionGemma:
         model = DiffusionGemma(self.cfg.model_config())

@@ -26,8 +26,8 @@ def add_cli(sub) -> None:
                    help="blockdiff dtype; auto = bf16 where the device supports it (default auto)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
-    p.add_argument("--compile-sampler", action="store_true",
-                   help="fuse the sampler with torch.compile (about 25 s compile on first use)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the layers and the sampler (1-2 min of compiling on first use)")
     p.add_argument("--sampler-budget-mb", type=float, default=256, help="sampler temporary memory budget (MB)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where the plot and checkpoint go")
     p.set_defaults(func=run)
@@ -57,8 +57,8 @@ def measure(args, ckpt: Path) -> int:
     del fp32
     model = model.to(dtype)
     llm = LLM(model, tokenizer=None, max_num_seqs=max(sizes + [16]), max_model_len=args.prompt_len + max_tokens + c,
-              sampler_memory_mb=args.sampler_budget_mb, compile_sampler=args.compile_sampler)
-    res["compile_sampler"] = args.compile_sampler
+              sampler_memory_mb=args.sampler_budget_mb, compile=args.compile)
+    res["compile"] = args.compile
     for bs in sizes:
         for mode, fixed in (("fixed", True), ("adaptive", False)):
             r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, fixed)

@@ -10,6 +10,8 @@ Both expose `init_canvas`, `sample`, `renoise` with the reference's call order.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 MASK64 = (1 << 64) - 1
@@ -55,11 +57,29 @@ def hash_uniform(seeds, canvas, step, length: int) -> torch.Tensor:
     return _shr(hash_bits(seeds, canvas, step, SAMPLE, length), 40).float() * (1.0 / (1 << 24))
 
 
-def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """probs (R, C, V) rows summing to ~1, u (R, C) -> ids (R, C): the first index whose cumsum > u*total."""
-    cdf = torch.cumsum(probs, dim=-1)
-    target = (u * cdf[..., -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """probs (R, C, V) rows summing to ~1, u (R, C) -> ids (R, C): the first index whose cumulative
+    probability exceeds u * total. Two levels, because one cumsum over V is a slow sequential scan:
+    block sums (one vectorised pass), a cumsum over V / block of them to find the block, then a
+    cumsum inside that block only. Vocabularies that no block of >= 16 divides use the flat scan."""
+    r, c, v = probs.shape
+    block = math.gcd(v, block)
+    if block < 16:
+        cdf = torch.cumsum(probs, dim=-1)
+        target = (u * cdf[..., -1]).unsqueeze(-1)
+        return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=v - 1)
+    blocks = probs.view(r, c, v // block, block)
+    sums = blocks.sum(-1)                                                   # (R, C, nb)
+    cdf = torch.cumsum(sums, dim=-1)
+    target = (u * cdf[..., -1]).unsqueeze(-1)                               # (R, C, 1)
+    b = torch.searchsorted(cdf, target, right=True).clamp_(max=v // block - 1)
+    inner = blocks.gather(2, b[..., None].expand(r, c, 1, block)).squeeze(2)    # (R, C, block)
+    inner_cdf = torch.cumsum(inner, dim=-1) + (cdf.gather(-1, b) - sums.gather(-1, b))
+    j = torch.searchsorted(inner_cdf, target, right=True)
+    # rounding can leave the block's last cumulative value <= target: take its last non-zero token
+    last = block - 1 - (inner > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
+    j = torch.where(j >= block, last, j)
+    return (b * block + j).squeeze(-1)
 
 
 class TorchNoise:

@@ -22,6 +22,7 @@ from ..checkpoint import load_model
 from ..hardware import auto_dtype
 from ..model.transformer import DiffusionGemma
 from ..tokenizer import Tokenizer
+from .compiled import compile_model
 from .output import TextState
 from .request import CanvasFrame, Request, RequestOutput, RequestStats, SamplingParams
 from .runner import ModelRunner
@@ -37,9 +38,8 @@ class LLM:
         used as it is. `attention`: 'eager' (default) keeps every row's arithmetic independent of the
         batch; 'sdpa' is faster but its CPU flash kernel rounds differently with the batch's padded
         key length, so in bf16 a request's tokens can then depend on its neighbours.
-        `compile`: torch.compile the model's layers (in place, dynamic shapes: one graph serves every
-        batch size and context length) and the sampler. It fuses the ~100 small elementwise kernels of
-        each layer and the sampler's passes over (canvas x vocab): ~1.5x faster at batch 1 on a
+        `compile`: torch.compile the model's layers (in place, see `compiled.py`) and the sampler. It
+        fuses the ~100 small elementwise kernels of each layer and the sampler's passes over (canvas x vocab): ~1.5x faster at batch 1 on a
         2-core CPU, after ~1-2 min of compiling on first use. Eager is the tested reference path."""
         if isinstance(model, DiffusionGemma):
             self.model = model
@@ -52,8 +52,7 @@ class LLM:
         self.eos_ids = set(cfg.eos_ids) | (set(self.tokenizer.eos_ids) if self.tokenizer else set())
         self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)
         if compile:
-            for layer in self.model.layers:
-                layer.compile(dynamic=True)
+            compile_model(self.model)
         self.runner = ModelRunner(self.model, max_num_seqs, max_model_len, sampler_memory_mb,
                                   compile_sampler=compile)
         self.states: dict[str, TextState] = {}

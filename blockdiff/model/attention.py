@@ -142,11 +142,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, s, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        k, v, mask = ctx.keys_values(self.layer, self.kind, k, v)
+        out = attend(q, k, v, mask, self.impl)                          # (B, Hq, S, D)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, S, H) -> q (B, Hq, S, D), k and v (B, n_kv, S, D), normed and rotated; free of the
+        context (the engine compiles it)."""
+        b, s, _ = x.shape
         q = apply_rope(self.q_norm(self.q_proj(x).view(b, s, self.n_heads, self.head_dim)), cos, sin)
         k_raw = self.k_proj(x).view(b, s, self.n_kv, self.head_dim)
         v_raw = self.v_proj(x).view(b, s, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
         k = apply_rope(self.k_norm(k_raw), cos, sin)
-        v = self.v_norm(v_raw)
-        k, v, mask = ctx.keys_values(self.layer, self.kind, k.transpose(1, 2), v.transpose(1, 2))
-        out = attend(q.transpose(1, 2), k, v, mask, self.impl)          # (B, Hq, S, D)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        return q.transpose(1, 2), k.transpose(1, 2), self.v_norm(v_raw).transpose(1, 2)

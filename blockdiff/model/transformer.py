@@ -41,7 +41,11 @@ class Layer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos, sin, ctx: AttnContext, scalar: torch.Tensor) -> torch.Tensor:
         """h (B, S, H) -> (B, S, H). `scalar` multiplies the whole residual stream at the end."""
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin, ctx))
+        return self.feed_forward(h, self.self_attn(self.input_layernorm(h), cos, sin, ctx), scalar)
+
+    def feed_forward(self, h: torch.Tensor, attn_out: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention; free of the context (the engine compiles it)."""
+        h = h + self.post_attention_layernorm(attn_out)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         flat = h.reshape(-1, h.shape[-1])
         weights, idx = self.router(flat)            # the router sees the un-normalised residual

@@ -2,6 +2,8 @@
 and prints one JSON line last with every figure (the contract benchmark readers rely on)."""
 from __future__ import annotations
 
+import argparse
+
 import json
 import sys
 import tempfile
@@ -26,8 +28,9 @@ def add_cli(sub) -> None:
                    help="blockdiff dtype; auto = bf16 where the device supports it (default auto)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the layers and the sampler (1-2 min of compiling on first use)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the layers and the sampler: faster steps after 1-2 minutes of compiling "
+                        "(default: on for CUDA, off for CPU)")
     p.add_argument("--sampler-budget-mb", type=float, default=256, help="sampler temporary memory budget (MB)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where the plot and checkpoint go")
     p.set_defaults(func=run)
@@ -58,7 +61,7 @@ def measure(args, ckpt: Path) -> int:
     model = model.to(dtype)
     llm = LLM(model, tokenizer=None, max_num_seqs=max(sizes + [16]), max_model_len=args.prompt_len + max_tokens + c,
               sampler_memory_mb=args.sampler_budget_mb, compile=args.compile)
-    res["compile"] = args.compile
+    res["compile"] = llm.compiled
     for bs in sizes:
         for mode, fixed in (("fixed", True), ("adaptive", False)):
             r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, fixed)

@@ -29,3 +29,16 @@ def test_engine_on_cuda_bf16(path):
     assert [len(o.token_ids) for o in outs] == [20, 21, 22, 23]
     again = llm.generate([[5, 6, 7]], params[0])[0]
     assert again.token_ids == outs[0].token_ids
+
+
+def test_compiled_engine_on_cuda_matches_eager(path):
+    """On CUDA the engine compiles by default; in fp32 it gives the eager engine's tokens."""
+    model = blockdiff.load_model(path, dtype=torch.float32, device="cuda")
+    eager = blockdiff.LLM(model, tokenizer=None, compile=False)
+    params = [blockdiff.SamplingParams(max_tokens=40, seed=i, max_denoising_steps=4, ignore_eos=True,
+                                       temperature=0.0 if i % 2 else 1.0) for i in range(3)]
+    prompts = [[5, 6, 7 + i] * (i + 1) for i in range(3)]
+    expected = [o.token_ids for o in eager.generate(prompts, params)]
+    compiled = blockdiff.LLM(blockdiff.load_model(path, dtype=torch.float32, device="cuda"), tokenizer=None)
+    assert compiled.compiled
+    assert [o.token_ids for o in compiled.generate(prompts, params)] == expected

@@ -33,14 +33,15 @@ class LLM:
     def __init__(self, model: str | Path | DiffusionGemma, tokenizer: Tokenizer | str | Path | None = None,
                  dtype: str | torch.dtype | None = None, device: str = "cpu", max_num_seqs: int = 16,
                  max_model_len: int = 2048, sampler_memory_mb: float = 256, attention: str = "eager",
-                 compile: bool = False):
+                 compile: bool | None = None):
         """`model`: a checkpoint directory (loaded in `dtype`, default bf16 where fast) or a model object
         used as it is. `attention`: 'eager' (default) keeps every row's arithmetic independent of the
         batch; 'sdpa' is faster but its CPU flash kernel rounds differently with the batch's padded
         key length, so in bf16 a request's tokens can then depend on its neighbours.
         `compile`: torch.compile the model's layers (in place, see `compiled.py`) and the sampler. It
         fuses the ~100 small elementwise kernels of each layer and the sampler's passes over (canvas x vocab): ~1.5x faster at batch 1 on a
-        2-core CPU, after ~1-2 min of compiling on first use. Eager is the tested reference path."""
+        2-core CPU, after ~1-2 min of compiling on first use. Default (None): on for CUDA, off on CPU,
+        where one-off runs would wait for the compiler. Eager is the tested reference path."""
         if isinstance(model, DiffusionGemma):
             self.model = model
         else:
@@ -51,6 +52,8 @@ class LLM:
         cfg = self.model.config
         self.eos_ids = set(cfg.eos_ids) | (set(self.tokenizer.eos_ids) if self.tokenizer else set())
         self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)
+        compile = self.model.device.type == "cuda" if compile is None else compile
+        self.compiled = bool(compile)
         if compile:
             compile_model(self.model)
         self.runner = ModelRunner(self.model, max_num_seqs, max_model_len, sampler_memory_mb,

@@ -9,6 +9,8 @@ protocol.py for the accepted fields, chunks.py for the `blockdiff_*` extras in r
 """
 from __future__ import annotations
 
+import argparse
+
 import os
 import sys
 from pathlib import Path
@@ -35,9 +37,9 @@ def add_cli(sub) -> None:
                    help="on SIGTERM, seconds to let open requests finish (default 30)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: auto")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the layers and the sampler: faster steps after 1-2 minutes of compiling "
-                        "at start-up, before the server listens")
+                        "(default: on for CUDA, off for CPU)")
     p.set_defaults(func=run_serve)
 
 
@@ -56,7 +58,7 @@ def run_serve(args) -> int:
     path = args.model if args.model is not None else default_model_dir()
     llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
               max_model_len=args.max_model_len, compile=args.compile)
-    if args.compile:
+    if llm.compiled:
         print("blockdiff: compiling (1-2 minutes)...", file=sys.stderr, flush=True)
         llm.warm_up()
     config = ServerConfig(args.served_model_name or Path(path).resolve().name, args.api_key, args.max_queue,

@@ -17,7 +17,7 @@ SAMPLE_PROMPTS = ["It is a truth universally acknowledged", "The king said", "In
 
 
 def export_run(run_dir: Path, dest: Path, dtype: str = "bfloat16", corpus_dir: Path | None = None,
-               samples: int = 3) -> Path:
+               samples: int = 3, evaluation: dict | None = None, note: str = "") -> Path:
     checkpoint = run_dir / "checkpoint"
     model = load_model(checkpoint, dtype=dtype)
     dest.mkdir(parents=True, exist_ok=True)
@@ -30,7 +30,7 @@ def export_run(run_dir: Path, dest: Path, dtype: str = "bfloat16", corpus_dir: P
     manifest = json.loads((corpus_dir / "manifest.json").read_text()) if corpus_dir else None
     planned = json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {}).get("max_steps")
     card = model_card(model, run_dir, train[-1] if train else {}, val[-1] if val else {}, manifest,
-                      _samples(dest, samples), dtype, planned)
+                      _samples(dest, samples), dtype, planned, evaluation, note)
     (dest / "README.md").write_text(card)
     return dest
 
@@ -46,7 +46,8 @@ def _samples(dest: Path, n: int) -> list[tuple[str, str]]:
 
 
 def model_card(model, run_dir: Path, train: dict, val: dict, manifest: dict | None,
-               samples: list[tuple[str, str]], dtype: str, planned_steps: int | None = None) -> str:
+               samples: list[tuple[str, str]], dtype: str, planned_steps: int | None = None,
+               evaluation: dict | None = None, note: str = "") -> str:
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
     step = train.get("step")
@@ -70,6 +71,10 @@ def model_card(model, run_dir: Path, train: dict, val: dict, manifest: dict | No
              f"(decoder {_fmt(train.get('decoder'))}, encoder {_fmt(train.get('encoder'))})",
              f"- validation loss at step {val.get('step', 'n/a')}: {_fmt(val.get('val_loss'))} "
              f"(decoder {_fmt(val.get('val_decoder'))}, encoder {_fmt(val.get('val_encoder'))})", ""]
+    if note:
+        lines += [note, ""]
+    if evaluation:
+        lines += _evaluation(evaluation)
     if manifest:
         lines += ["## Data and licenses", "", "| source | license | train bytes |", "|---|---|---|"]
         lines += [f"| {s['name']} | {s['license']} | {s['train_bytes']:,} |" for s in manifest["sources"]]
@@ -79,6 +84,18 @@ def model_card(model, run_dir: Path, train: dict, val: dict, manifest: dict | No
         lines += [f"**{prompt}**{text}", ""]
     lines += ["## License", "", "Weights: Apache-2.0, like the blockdiff code. Training texts: see the table above."]
     return "\n".join(lines) + "\n"
+
+
+def _evaluation(ev: dict) -> list[str]:
+    """The `blockdiff eval` JSON as a table: judge perplexity (lower is more natural) and speed."""
+    rows = [("real held-out text", ev.get("judge_ppl_real"), None),
+            ("this model (block diffusion)", ev.get("judge_ppl_diffusion"), ev.get("diffusion_tok_s")),
+            ("AR baseline (same size, data, steps)", ev.get("judge_ppl_ar"), ev.get("ar_tok_s"))]
+    lines = ["## Evaluation (`blockdiff eval`)", "",
+             f"Judge: SmolLM2-135M perplexity of {ev.get('samples')} continuations of {ev.get('max_tokens')} tokens "
+             "after held-out prompts.", "", "| text | judge perplexity | generation tok/s (CPU) |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(ppl)} | {_fmt(speed)} |" for name, ppl, speed in rows if ppl is not None]
+    return lines + [""]
 
 
 def _fmt(x) -> str:
@@ -94,5 +111,14 @@ def add_cli(sub) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight dtype (default bf16)")
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"),
                    help="corpus directory whose manifest.json lists sources and licenses (default data/corpus)")
-    p.set_defaults(func=lambda a: export_run(a.run, a.dest, a.dtype, a.corpus if a.corpus.is_dir() else None)
-                   and 0)
+    p.add_argument("--eval", type=Path, default=None, help="a file whose last line is `blockdiff eval`'s JSON, "
+                                                            "added to the model card")
+    p.add_argument("--note", default="", help="a paragraph added to the card's training section")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    evaluation = json.loads(args.eval.read_text().strip().splitlines()[-1]) if args.eval else None
+    export_run(args.run, args.dest, args.dtype, args.corpus if args.corpus.is_dir() else None,
+               evaluation=evaluation, note=args.note)
+    return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import bench
+from .hardware import add_threads_flag, apply_threads
 
 
 def add_cli(sub) -> None:
@@ -33,10 +34,12 @@ def add_cli(sub) -> None:
                         "(default: on for CUDA, off for CPU)")
     p.add_argument("--sampler-budget-mb", type=float, default=256, help="sampler temporary memory budget (MB)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where the plot and checkpoint go")
+    add_threads_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    apply_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="blockdiff-bench-") as tmp:
         return measure(args, Path(tmp))
 

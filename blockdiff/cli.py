@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from .hardware import add_threads_flag, apply_threads
+
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 
 
@@ -55,10 +57,12 @@ def add_generate(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=4096,
                    help="KV-cache positions: prompt + generated tokens (default 4096)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_threads_flag(p)
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args) -> int:
+    apply_threads(args.threads)
     from .engine.engine import LLM
     from .engine.request import SamplingParams
 

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..hardware import add_threads_flag, apply_threads
+
 
 def add_cli(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
@@ -40,10 +42,12 @@ def add_cli(sub) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the layers and the sampler: faster steps after 1-2 minutes of compiling "
                         "(default: on for CUDA, off for CPU)")
+    add_threads_flag(p)
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args) -> int:
+    apply_threads(args.threads)
     import uvicorn
 
     from ..cli import default_model_dir

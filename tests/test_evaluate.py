@@ -38,9 +38,11 @@ def test_evaluate_reports_losses_judge_and_speed(tmp_path):
     ids.tofile(corpus / "train.bin")
     (corpus / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 261, "bos_id": 2, "eos_id": 1}))
     judge = UnigramJudge(TEXT)
-    res = evaluate(model, corpus, judge, ar_model_dir=ar_model, samples=3, max_tokens=16, val_batches=2, steps=2)
+    res = evaluate(model, corpus, judge, ar_model_dir=ar_model, samples=3, max_tokens=16, val_batches=2, steps=2,
+                   fast_steps=1)
     assert res["samples"] == 3
     # random weights write noise: the judge must find real text far more likely than the samples
     assert res["judge_ppl_real"] < res["judge_ppl_diffusion"] and res["judge_ppl_real"] < res["judge_ppl_ar"]
     assert 4.0 < res["val_decoder_loss"] < 7.0 and 4.0 < res["ar_val_encoder_loss"] < 7.0    # ~ln(261) = 5.56
     assert res["diffusion_tok_s"] > 0 and res["ar_tok_s"] > 0
+    assert res["fast_steps"] == 1 and res["diffusion_tok_s_fast"] > 0 and res["judge_ppl_diffusion_fast"] > 0

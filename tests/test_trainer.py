@@ -187,7 +187,7 @@ def test_export_writes_a_loadable_model_with_card(corpus, tmp_path):
     if not (ckpt / "tokenizer.json").exists():               # the synthetic corpus has no tokenizer
         byte_tokenizer().save(str(ckpt / "tokenizer.json"))
         (ckpt / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "bos_token": "<bos>"}))
-    evaluation = {"samples": 4, "max_tokens": 8, "judge_ppl_real": 39.5, "judge_ppl_diffusion": 812.25,
+    evaluation = {"samples": 4, "max_tokens": 8, "steps": 48, "judge_ppl_real": 39.5, "judge_ppl_diffusion": 812.25,
                   "diffusion_tok_s": 150.0, "judge_ppl_ar": 120.0, "ar_tok_s": 60.0}
     dest = export_run(out, tmp_path / "model", samples=2, evaluation=evaluation, note="Shortened schedule.")
     model = blockdiff.load_model(dest)
@@ -195,4 +195,4 @@ def test_export_writes_a_loadable_model_with_card(corpus, tmp_path):
     card = (dest / "README.md").read_text()
     assert "optimizer steps: 10" in card and "validation loss at step 10" in card
     assert card.count("**") >= 4                               # two bold sample prompts
-    assert "| this model (block diffusion) | 812.250 | 150.000 |" in card and "Shortened schedule." in card
+    assert "| this model (block diffusion, <= 48 steps per canvas) | 812.250 | 150.000 |" in card and "Shortened schedule." in card

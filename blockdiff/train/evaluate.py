@@ -93,7 +93,9 @@ def held_out_prompts(corpus: Path, tokenizer: Tokenizer, n: int, prompt_tokens: 
 
 def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | None = None, samples: int = 16,
              max_tokens: int = 64, prompt_tokens: int = 8, val_batches: int = 8, steps: int = 48,
-             ar_temperature: float = 0.6) -> dict:
+             ar_temperature: float = 0.6, fast_steps: int | None = None) -> dict:
+    """`steps`: the diffusion sampler's max steps per canvas for the main figures; `fast_steps` adds
+    `judge_ppl_diffusion_fast` / `diffusion_tok_s_fast` at fewer steps (the speed/quality trade-off)."""
     from ..engine.ar import ar_generate
     from ..engine.engine import LLM
     from ..engine.request import SamplingParams
@@ -102,17 +104,24 @@ def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | N
     pairs = held_out_prompts(corpus, tokenizer, samples, prompt_tokens, max_tokens)
     prompts = [p for p, _ in pairs]
     llm = LLM(model_dir, max_num_seqs=max(1, len(prompts)))
-    start = time.perf_counter()
-    outs = llm.generate(prompts, [SamplingParams(max_tokens=max_tokens, seed=i, max_denoising_steps=steps)
-                                  for i in range(len(prompts))])
-    elapsed = time.perf_counter() - start
-    seq_len = 4 * llm.model.config.canvas_length
-    res = {"samples": len(prompts), "max_tokens": max_tokens,
+
+    def run(n_steps: int):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, [SamplingParams(max_tokens=max_tokens, seed=i, max_denoising_steps=n_steps)
+                                      for i in range(len(prompts))])
+        speed = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+        return judge.perplexity([p + o.text for p, o in zip(prompts, outs)]), speed, outs
+
+    ppl, speed, outs = run(steps)
+    res = {"samples": len(prompts), "max_tokens": max_tokens, "steps": steps,
            "judge_ppl_real": judge.perplexity([p + c for p, c in pairs]),
-           "judge_ppl_diffusion": judge.perplexity([p + o.text for p, o in zip(prompts, outs)]),
-           "diffusion_tok_s": sum(len(o.token_ids) for o in outs) / elapsed,
-           "diffusion_example": prompts[0] + outs[0].text if outs else "",
-           **validation_losses(load_model(model_dir), corpus, "diffusion", val_batches, seq_len)}
+           "judge_ppl_diffusion": ppl, "diffusion_tok_s": speed,
+           "diffusion_example": prompts[0] + outs[0].text if outs else ""}
+    if fast_steps:
+        ppl, speed, _ = run(fast_steps)
+        res.update(fast_steps=fast_steps, judge_ppl_diffusion_fast=ppl, diffusion_tok_s_fast=speed)
+    seq_len = 4 * llm.model.config.canvas_length
+    res.update(validation_losses(load_model(model_dir), corpus, "diffusion", val_batches, seq_len))
     if ar_model_dir is not None:
         ar = load_model(ar_model_dir, dtype=llm.model.dtype)
         ids = [tokenizer.encode(p) for p in prompts]
@@ -139,6 +148,8 @@ def add_cli(sub) -> None:
     p.add_argument("--samples", type=int, default=16, help="generated continuations to judge (default 16)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per continuation (default 64)")
     p.add_argument("--steps", type=int, default=48, help="max denoising steps per canvas (default 48)")
+    p.add_argument("--fast-steps", type=int, default=16,
+                   help="also judge and time the sampler at this many steps (default 16; 0 = skip)")
     p.add_argument("--ar-temperature", type=float, default=0.6,
                    help="sampling temperature of the AR baseline (default 0.6, the middle of the diffusion "
                         "sampler's default 0.8 -> 0.4 schedule)")
@@ -147,6 +158,6 @@ def add_cli(sub) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     res = evaluate(args.model, args.corpus, SmolJudge(), args.ar_model, args.samples, args.max_tokens,
-                   steps=args.steps, ar_temperature=args.ar_temperature)
+                   steps=args.steps, ar_temperature=args.ar_temperature, fast_steps=args.fast_steps or None)
     print(json.dumps(res))
     return 0

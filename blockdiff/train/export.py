@@ -89,8 +89,12 @@ def model_card(model, run_dir: Path, train: dict, val: dict, manifest: dict | No
 def _evaluation(ev: dict) -> list[str]:
     """The `blockdiff eval` JSON as a table: judge perplexity (lower is more natural) and speed."""
     rows = [("real held-out text", ev.get("judge_ppl_real"), None),
-            ("this model (block diffusion)", ev.get("judge_ppl_diffusion"), ev.get("diffusion_tok_s")),
-            ("AR baseline (same size, data, steps)", ev.get("judge_ppl_ar"), ev.get("ar_tok_s"))]
+            (f"this model (block diffusion, <= {ev.get('steps')} steps per canvas)", ev.get("judge_ppl_diffusion"),
+             ev.get("diffusion_tok_s")),
+            (f"this model (<= {ev.get('fast_steps')} steps per canvas)", ev.get("judge_ppl_diffusion_fast"),
+             ev.get("diffusion_tok_s_fast")),
+            (f"AR baseline (same size, data, steps; temperature {ev.get('ar_temperature')})", ev.get("judge_ppl_ar"),
+             ev.get("ar_tok_s"))]
     lines = ["## Evaluation (`blockdiff eval`)", "",
              f"Judge: SmolLM2-135M perplexity of {ev.get('samples')} continuations of {ev.get('max_tokens')} tokens "
              "after held-out prompts.", "", "| text | judge perplexity | generation tok/s (CPU) |", "|---|---|---|"]

@@ -54,7 +54,7 @@ def model_card(model, run_dir: Path, train: dict, val: dict, manifest: dict | No
     interim = planned_steps is not None and step is not None and step < planned_steps
     status = (f"**Interim checkpoint: {step} of {planned_steps} planned optimizer steps.** Training continues in "
               "later sessions; until then the text is far from fluent." if interim else
-              "It is a demo-scale model: expect locally fluent but incoherent text.")
+              "It is a demo-scale model: expect English words and fragments of grammar, not fluent text.")
     lines = [f"# blockdiff default model ({params / 1e6:.1f}M parameters, {dtype})", "",
              "A small DiffusionGemma-architecture block-diffusion language model trained from scratch by the "
              "blockdiff project on public-domain and permissively licensed text. " + status, "",

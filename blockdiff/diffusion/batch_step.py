@@ -94,12 +94,12 @@ def compiled_sampler_core():
 
 
 def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
-                 compiled: bool = False):
-    """hidden (r, C, H) -> (argmax, sampled, accept, confidence, soft, entropy) for a tile of rows."""
+                 core=sampler_core):
+    """hidden (r, C, H) -> (argmax, sampled, accept, confidence, soft, entropy) for a tile of rows.
+    `core`: `sampler_core` or `compiled_sampler_core()`."""
     cur = (knobs.num_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
     temp = knobs.t_min + knobs.t_span * (cur / knobs.num_steps.to(torch.int32))
     w = model.embed_tokens.weight
-    core = compiled_sampler_core() if compiled else sampler_core
     proc, probs, argmax, confidence, ent = core(torch.nn.functional.linear(hidden, w), temp * knobs.temp_scale,
                                                 model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
@@ -112,7 +112,7 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
 
 
 def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,
-                 use_k: bool = False, use_p: bool = False, compiled: bool = False) -> tuple[StepOut, torch.Tensor]:
+                 use_k: bool = False, use_p: bool = False, core=sampler_core) -> tuple[StepOut, torch.Tensor]:
     """All rows in tiles. history (R, S_max, C) previous argmax canvases (-1 filled at canvas start).
     Returns the step outputs and the updated history."""
     r, c, _ = hidden.shape
@@ -121,7 +121,7 @@ def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, 
     for lo in range(0, r, tile):
         sl = slice(lo, lo + tile)
         sub = RowKnobs(*(getattr(knobs, f)[sl] for f in RowKnobs.__dataclass_fields__))
-        parts.append(denoise_tile(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p, compiled))
+        parts.append(denoise_tile(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p, core))
     argmax, sampled, accept, conf, soft, ent = (torch.cat(x) for x in zip(*parts))
     noise = hash_tokens(knobs.seed, canvas_idx, step_idx, RENOISE, c, model.config.vocab_size)
     next_canvas = torch.where(accept, sampled, noise)

@@ -38,10 +38,10 @@ class LLM:
         used as it is. `attention`: 'eager' (default) keeps every row's arithmetic independent of the
         batch; 'sdpa' is faster but its CPU flash kernel rounds differently with the batch's padded
         key length, so in bf16 a request's tokens can then depend on its neighbours.
-        `compile`: torch.compile the model's layers (in place, see `compiled.py`) and the sampler. It
-        fuses the ~100 small elementwise kernels of each layer and the sampler's passes over (canvas x vocab): ~1.5x faster at batch 1 on a
-        2-core CPU, after ~1-2 min of compiling on first use. Default (None): on for CUDA, off on CPU,
-        where one-off runs would wait for the compiler. Eager is the tested reference path."""
+        `compile`: torch.compile the model's layers (in place, see `compiled.py`) and the sampler,
+        fusing their small elementwise kernels. On a 2-core CPU (small preset) it gave 1.5x the
+        throughput at batch 16 but was slower at batch 1, after 1-2 min of compiling. Default (None):
+        on for CUDA, off on CPU. Eager is the tested reference path."""
         if isinstance(model, DiffusionGemma):
             self.model = model
         else:
@@ -52,12 +52,11 @@ class LLM:
         cfg = self.model.config
         self.eos_ids = set(cfg.eos_ids) | (set(self.tokenizer.eos_ids) if self.tokenizer else set())
         self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)
-        compile = self.model.device.type == "cuda" if compile is None else compile
-        self.compiled = bool(compile)
-        if compile:
+        self.compiled = self.model.device.type == "cuda" if compile is None else bool(compile)
+        if self.compiled:
             compile_model(self.model)
         self.runner = ModelRunner(self.model, max_num_seqs, max_model_len, sampler_memory_mb,
-                                  compile_sampler=compile)
+                                  compile_sampler=self.compiled)
         self.states: dict[str, TextState] = {}
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -231,7 +230,8 @@ class LLM:
         that compiling happens now rather than inside the first requests."""
         c = self.model.config.canvas_length
         fits = self.scheduler.capacity_needed(3, c + 1) <= self.scheduler.max_model_len
-        params = SamplingParams(max_tokens=c + 1 if fits else 1, max_denoising_steps=2, fixed_steps=True, ignore_eos=True, seed=0)
+        params = SamplingParams(max_tokens=c + 1 if fits else 1, max_denoising_steps=2, fixed_steps=True,
+                                ignore_eos=True, seed=0)
         for rows in (2, 1):
             self.generate([[1, 2, 3]] * rows, params)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion.batch_step import RowKnobs, StepOut, denoise_rows
+from ..diffusion.batch_step import RowKnobs, StepOut, compiled_sampler_core, denoise_rows, sampler_core
 from ..diffusion.noise import INIT, hash_tokens
 from ..model.slots import SlotCache, SlotDecodeContext, SlotEncodeContext
 from .request import SamplingParams
@@ -44,7 +44,7 @@ class ModelRunner:
         self.canvas_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.knobs = {k: torch.zeros(num_slots, dtype=d, device=dev) for k, d in KNOB_DTYPES.items()}
         self.last: StepOut | None = None
-        self.compile_sampler = compile_sampler
+        self.sampler_core = compiled_sampler_core() if compile_sampler else sampler_core
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:
@@ -93,7 +93,7 @@ class ModelRunner:
         hidden = self.model.denoise_with(self.canvas[idx], positions, ctx, self.soft[idx])
         knobs = RowKnobs(**{k: v[idx] for k, v in self.knobs.items()})
         out, history = denoise_rows(self.model, hidden, knobs, self.step_idx[idx], self.canvas_idx[idx],
-                                    self.history[idx], self.budget, use_k, use_p, self.compile_sampler)
+                                    self.history[idx], self.budget, use_k, use_p, self.sampler_core)
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
         self.step_idx[idx] += 1
         done = out.stop | (self.step_idx[idx] >= knobs.num_steps)

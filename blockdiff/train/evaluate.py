@@ -129,7 +129,7 @@ def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | N
         gen = ar_generate(ar, ids, max_tokens=max_tokens, temperature=ar_temperature, seed=0,
                           eos_ids=set(tokenizer.eos_ids))
         res["ar_temperature"] = ar_temperature
-        res["ar_tok_s"] = len(prompts) * max_tokens / (time.perf_counter() - start)
+        res["ar_tok_s"] = sum(len(g) for g in gen.token_ids) / (time.perf_counter() - start)   # as delivered
         texts = [p + tokenizer.decode(g) for p, g in zip(prompts, gen.token_ids)]
         res["judge_ppl_ar"] = judge.perplexity(texts)
         res["ar_example"] = texts[0] if texts else ""

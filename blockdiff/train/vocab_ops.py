@@ -1,14 +1,16 @@
-"""Vocabulary-side training ops: tied head + softcap + cross-entropy, and the soft embedding.
+"""Vocabulary-side training ops: LM head + softcap + cross-entropy, and the self-conditioning input.
 
-Contract: `head_cross_entropy(model, hidden, targets)` equals
+Contract: `head_cross_entropy(model, hidden, targets)` is
 `F.cross_entropy(model.logits(hidden).flatten(0, -2), targets.flatten())` and
-`soft_embedding_from_hidden(model, hidden)` equals `model.soft_embedding(model.logits(hidden))`.
-With `compiled=True` both run through torch.compile, which fuses the ~10 elementwise passes over the
-(rows x V) fp32 logits (cast, divide, tanh, multiply, log-softmax and their backward) into one or two
-loops: on a 2-core CPU those passes took ~40% of a training step of the default model.
-The eager path is the reference; tests check that both agree.
+`soft_embedding_from_hidden(model, hidden)` is `model.soft_embedding(model.logits(hidden))`: the
+model's own methods. With `compiled=True` the same functions run through torch.compile, which fuses
+the ~10 elementwise passes over the (rows x V) fp32 logits (cast, divide, tanh, multiply,
+log-softmax and their backward) into one or two loops: on a 2-core CPU those passes took ~40% of a
+training step of the default model. Tests check that both paths agree.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -16,46 +18,27 @@ import torch.nn.functional as F
 from ..model.transformer import DiffusionGemma
 
 
-def _softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    logits = logits.float()
-    return torch.tanh(logits / cap) * cap if cap else logits
+def _ce(model: DiffusionGemma, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """hidden (N, H), targets (N,) -> mean CE (fp32 scalar)."""
+    return F.cross_entropy(model.logits(hidden), targets)
 
 
-def _ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """hidden (N, H), weight (V, H), targets (N,) -> mean CE (fp32 scalar)."""
-    return F.cross_entropy(_softcapped(F.linear(hidden, weight), cap), targets)
+def _soft(model: DiffusionGemma, hidden: torch.Tensor) -> torch.Tensor:
+    return model.soft_embedding(model.logits(hidden))
 
 
-def _soft(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None, scale: torch.Tensor) -> torch.Tensor:
-    """hidden (N, H) -> expected embedding under softmax(logits) (N, H), in the weight's dtype."""
-    probs = F.softmax(_softcapped(F.linear(hidden, weight), cap), dim=-1).to(weight.dtype)
-    return (probs @ weight) * scale
-
-
-_compiled: dict[str, object] = {}
-
-
-def _fn(name: str, compiled: bool):
-    eager = {"ce": _ce, "soft": _soft}[name]
-    if not compiled:
-        return eager
-    if name not in _compiled:
-        # Fixed shapes per run (micro-batch x seq_len), so one static graph each.
-        _compiled[name] = torch.compile(eager, dynamic=False)
-    return _compiled[name]
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)     # fixed shapes per run: micro-batch x seq_len
 
 
 def head_cross_entropy(model: DiffusionGemma, hidden: torch.Tensor, targets: torch.Tensor,
                        compiled: bool = False) -> torch.Tensor:
     """hidden (…, H) final-normed states, targets (…) ids -> mean CE over all positions."""
-    w = model.embed_tokens.weight
-    return _fn("ce", compiled)(hidden.reshape(-1, hidden.shape[-1]), w, targets.reshape(-1),
-                               model.config.final_logit_softcapping)
+    fn = _compiled(_ce) if compiled else _ce
+    return fn(model, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
 
 
 def soft_embedding_from_hidden(model: DiffusionGemma, hidden: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-    """hidden (B, C, H) -> the self-conditioning input (B, C, H) that `model.soft_embedding` makes."""
-    w = model.embed_tokens.weight
-    scale = model.embed_scale(w.dtype).to(w.device)
-    flat = _fn("soft", compiled)(hidden.reshape(-1, hidden.shape[-1]), w, model.config.final_logit_softcapping, scale)
-    return flat.reshape(hidden.shape)
+    """hidden (B, C, H) -> the self-conditioning input (B, C, H)."""
+    return (_compiled(_soft) if compiled else _soft)(model, hidden)

@@ -1,7 +1,14 @@
 """What the device can do fast. Contract: `auto_dtype(device)` is bf16 on CUDA and on CPUs with native
 bf16 matmuls (AVX512-BF16 / AMX, ~2.5x fp32 on these machines), else fp32. `--threads` for the
-commands that run a model. torch is imported lazily, so that `--help` stays instant."""
+commands that run a model. `reuse_freed_memory()` keeps glibc from handing large freed tensors back
+to the OS. torch is imported lazily, so that `--help` stays instant."""
 from __future__ import annotations
+
+import ctypes
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+_reusing = False
 
 
 def auto_dtype(device):
@@ -29,3 +36,23 @@ def apply_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def reuse_freed_memory() -> bool:
+    """Make freed CPU tensors' memory reusable by the next allocation, process-wide (glibc only).
+
+    By default glibc serves blocks over 128 KB-32 MB with mmap and returns them to the OS on free,
+    so every new large tensor (logits tiles, attention scores) page-faults on fresh zeroed pages:
+    on these machines an fp32 multiply over 12.6M elements takes 18 ms into fresh memory and 4 ms
+    into reused memory, and the sampler's tile 3.3x longer. Raising the mmap and trim thresholds
+    keeps freed blocks in the heap (the process keeps its peak footprint, as with jemalloc or
+    tcmalloc, which PyTorch recommends for CPU inference). Returns whether it took effect."""
+    global _reusing
+    if _reusing or not sys.platform.startswith("linux"):
+        return _reusing
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    _reusing = bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+    return _reusing

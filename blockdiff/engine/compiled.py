@@ -3,9 +3,11 @@
 Contract: `compile_model(model)` replaces, on each layer instance, the two context-free parts of the
 layer (`Attention.project`: projections, norms, RoPE; `Layer.feed_forward`: norms, dense MLP, router,
 residual) by compiled versions with dynamic shapes, so one graph per layer kind serves every batch
-size and context length. The attention over the cache (the context's gathers and masks) and the
-experts (their per-expert split needs a host sync) stay eager: compiled, they would specialise on
-the layer index or on each step's expert counts and recompile. Idempotent.
+size and context length. The attention over the cache (the context's gathers and masks) stays
+eager: compiled, it would specialise on the layer index and recompile. Grouped bf16 experts compile
+with the layer; the per-expert loop (where `grouped_mm` is missing) needs a host sync and stays eager,
+and so do fp32 grouped experts (torch's compile-time shape rule for `grouped_mm` wants bf16).
+Idempotent.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ def compile_model(model: DiffusionGemma) -> DiffusionGemma:
     if getattr(model, "_blockdiff_compiled", False):
         return model
     for layer in model.layers:
-        layer.experts.forward = torch.compiler.disable(layer.experts.forward)
+        # the per-expert loop's host sync would break the graph; torch's compile-time shape rule for
+        # grouped_mm (CUDA-minded) accepts only bf16, though the CPU kernel also runs fp32
+        if not (layer.experts.grouped and layer.experts.gate_up_proj.dtype == torch.bfloat16):
+            layer.experts.forward = torch.compiler.disable(layer.experts.forward)
         layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True)
         layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=True)
     model._blockdiff_compiled = True

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from ..checkpoint import load_model
-from ..hardware import auto_dtype
+from ..hardware import auto_dtype, reuse_freed_memory
 from ..model.transformer import DiffusionGemma
 from ..tokenizer import Tokenizer
 from .compiled import compile_model
@@ -49,6 +49,9 @@ class LLM:
             self.model.set_attention_impl(attention)
             tokenizer = tokenizer if tokenizer is not None else model
         self.tokenizer = Tokenizer.from_dir(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+        if self.model.device.type == "cpu":
+            reuse_freed_memory()
+        self.model.use_grouped_experts()
         cfg = self.model.config
         self.eos_ids = set(cfg.eos_ids) | (set(self.tokenizer.eos_ids) if self.tokenizer else set())
         self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)

@@ -10,6 +10,8 @@ Module and parameter names equal the checkpoint's, so loading is a plain name co
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,6 +107,19 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[idx], idx
 
 
+@functools.cache
+def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch build runs `F.grouped_mm` on the device in `dtype` (probed once)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        a, b = torch.ones(3, 16, device=device_type, dtype=dtype), torch.ones(2, 16, 16, device=device_type, dtype=dtype)
+        F.grouped_mm(a, b, offs=torch.tensor([1, 3], device=device_type, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 class Experts(nn.Module):
     """E gated-GELU experts stored as stacked weights: gate_up (E, 2*I, H), down (E, H, I)."""
 
@@ -113,23 +128,50 @@ class Experts(nn.Module):
         e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.grouped = False
+
+    def use_grouped_mm(self) -> bool:
+        """Inference: run all experts as two grouped matmuls, with fixed shapes and no host sync
+        (what lets torch.compile take the whole layer). The weights keep their shapes and values but
+        are stored input-major in memory, (E, H, 2I) and (E, I, H), the layout `grouped_mm` reads
+        fast; training (grad enabled) keeps the per-expert loop. False where unsupported."""
+        w = self.gate_up_proj
+        if not self.grouped and grouped_mm_works(w.device.type, w.dtype):
+            for p in (self.gate_up_proj, self.down_proj):
+                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+            self.grouped = True
+        return self.grouped
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (T, H), weights/idx (T, k) -> (T, H).
 
         Token slots are sorted by expert once (stable, so each expert sees its tokens in ascending
         order), every expert runs on its contiguous chunk, and one `index_add_` accumulates in the
-        activation dtype in ascending expert order per token: the reference's eager arithmetic."""
-        k, num_experts = idx.shape[1], self.gate_up_proj.shape[0]
+        activation dtype in ascending expert order per token: the reference's eager arithmetic.
+        The grouped and the looped matmuls give the same bits (tests)."""
+        k = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)                 # slots grouped by expert
-        counts = torch.bincount(flat, minlength=num_experts).tolist()   # the one host sync
         token = order // k
-        chunks = x[token].split(counts)
+        xs = x[token]                                            # (T*k, H)
+        if self.grouped and not torch.is_grad_enabled():
+            h = self._grouped(xs, flat[order])
+        else:
+            h = self._looped(xs, flat)
+        y = h * weights.reshape(-1)[order, None]                 # fp32 routing weights
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+    def _grouped(self, xs: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+        experts = torch.arange(self.gate_up_proj.shape[0], device=xs.device, dtype=sorted_ids.dtype)
+        offs = torch.searchsorted(sorted_ids, experts, right=True).to(torch.int32)   # chunk ends
+        gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        return F.grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+
+    def _looped(self, xs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()   # the one host sync
         outs = []
-        for e, chunk in enumerate(chunks):
+        for e, chunk in enumerate(xs.split(counts)):
             if chunk.shape[0]:
                 gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
                 outs.append(F.linear(gelu_tanh(gate) * up, self.down_proj[e]))
-        y = torch.cat(outs) * weights.reshape(-1)[order, None]    # fp32 routing weights
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        return torch.cat(outs)

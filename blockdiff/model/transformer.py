@@ -81,6 +81,10 @@ class DiffusionGemma(nn.Module):
         for layer in self.layers:
             layer.self_attn.impl = impl
 
+    def use_grouped_experts(self) -> bool:
+        """Inference layout: every layer's experts as grouped matmuls (see `Experts.use_grouped_mm`)."""
+        return all([layer.experts.use_grouped_mm() for layer in self.layers])
+
     # ---- embeddings ---------------------------------------------------------------------------
     def embed_scale(self, dtype: torch.dtype) -> torch.Tensor:
         # sqrt(H) rounded to the model dtype: 53.0 rather than 53.066 for H=2816 in bf16

@@ -12,8 +12,6 @@ writes a PNG plot, and prints one JSON line last with every figure.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -71,19 +69,11 @@ def mm_throughput(model, rows: int) -> float:
     return 2 * rows * h * 4 * h / timed(lambda: a @ b, model.device, 10) / 1e9
 
 
-POLLER = """
-import os, sys, time, select
-path, page, peak = f"/proc/{sys.argv[1]}/statm", os.sysconf("SC_PAGE_SIZE"), 0
-while not select.select([sys.stdin], [], [], 0.001)[0]:
-    with open(path) as f:
-        peak = max(peak, int(f.read().split()[1]) * page)
-print(peak)
-"""
-
-
 class PeakMemory:
-    """Peak bytes above the start: CUDA allocator stats, or resident memory on CPU, polled every
-    millisecond by a separate process (a polling thread would fight the main thread for the GIL)."""
+    """Peak bytes of live tensors above the start of the block: the CUDA allocator's statistics, or
+    on CPU the profiler's allocation events (resident memory would not tell: the engine keeps freed
+    blocks in the heap, see `hardware.reuse_freed_memory`). CPU figures are at operator
+    granularity: a temporary that lives and dies inside one operator is not seen."""
 
     def __init__(self, device):
         self.cuda = str(device).startswith("cuda")
@@ -94,20 +84,21 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            with open("/proc/self/statm") as f:
-                self.base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            self.proc = subprocess.Popen([sys.executable, "-c", POLLER, str(os.getpid())], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True)
-            time.sleep(0.05)
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+            peak = torch.cuda.max_memory_allocated() - self.base
         else:
-            peak = int(self.proc.communicate("stop\n")[0])
-        self.mb = max(peak - self.base, 0) / 2**20
+            self.prof.__exit__(*exc)
+            live = peak = 0
+            for event in sorted(self.prof.events(), key=lambda e: e.time_range.start):
+                live += event.self_cpu_memory_usage          # allocations minus frees of that op
+                peak = max(peak, live)
+        self.mb = max(peak, 0) / 2**20
 
 
 def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -116,17 +107,21 @@ def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
 
 
 def run_engine(llm, batch: int, prompt_len: int, max_tokens: int, steps: int, fixed: bool) -> dict:
+    """Timed run, then the peak temporary memory of a short run (one canvas, two steps) at the same
+    batch size, measured apart because on CPU the profiler that measures it slows the run."""
     from .engine.request import SamplingParams
 
     sp = [SamplingParams(max_tokens=max_tokens, seed=i, max_denoising_steps=steps, fixed_steps=fixed,
                          ignore_eos=True) for i in range(batch)]
     prompts = prompts_for(batch, prompt_len, llm.model.config.vocab_size)
-    warm = SamplingParams(max_tokens=1, seed=0, max_denoising_steps=2, fixed_steps=True, ignore_eos=True)
-    llm.generate(prompts, [warm] * batch)          # warm-up at full batch: allocator and caches settle
+    short = [SamplingParams(max_tokens=1, seed=i, max_denoising_steps=2, fixed_steps=True, ignore_eos=True)
+             for i in range(batch)]
+    llm.generate(prompts, short)          # warm-up at full batch: allocator and caches settle
+    start = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    wall = time.perf_counter() - start
     with PeakMemory(llm.model.device) as mem:
-        start = time.perf_counter()
-        outs = llm.generate(prompts, sp)
-        wall = time.perf_counter() - start
+        llm.generate(prompts, short)
     lat = sorted(o.stats.latency for o in outs)
     tokens = sum(len(o.token_ids) for o in outs)
     return {"tok_s": tokens / wall, "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],

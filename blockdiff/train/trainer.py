@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ConfigError
-from ..hardware import auto_dtype
+from ..hardware import auto_dtype, reuse_freed_memory
 from ..model.init import init_weights
 from ..model.transformer import DiffusionGemma
 from . import distributed, monitor, state
@@ -102,6 +102,8 @@ class Run:
         if snapshot and snapshot.model.config.to_dict() != _as_saved(cfg.model_config()):
             raise ConfigError(f"the model in {self.ckpt} differs from the config's 'model'; "
                               "resume with the config that started the run")
+        if d.device.type == "cpu":
+            reuse_freed_memory()        # vocab-sized activations and grads: no page faults per step
         model = snapshot.model if snapshot else self._new_model()
         model.set_attention_impl(cfg.attn_impl)
         if cfg.objective == "ar":       # the AR baseline never uses self-conditioning

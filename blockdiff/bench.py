@@ -11,7 +11,10 @@ writes a PNG plot, and prints one JSON line last with every figure.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +72,20 @@ def mm_throughput(model, rows: int) -> float:
     return 2 * rows * h * 4 * h / timed(lambda: a @ b, model.device, 10) / 1e9
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ library logs its start and stop there)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 class PeakMemory:
     """Peak bytes of live tensors above the start of the block: the CUDA allocator's statistics, or
     on CPU the profiler's allocation events (resident memory would not tell: the engine keeps freed
@@ -85,7 +102,8 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
         else:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-            self.prof.__enter__()
+            with quiet_stderr():
+                self.prof.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -93,7 +111,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - self.base
         else:
-            self.prof.__exit__(*exc)
+            with quiet_stderr():
+                self.prof.__exit__(*exc)
             live = peak = 0
             for event in sorted(self.prof.events(), key=lambda e: e.time_range.start):
                 live += event.self_cpu_memory_usage          # allocations minus frees of that op
@@ -127,6 +146,17 @@ def run_engine(llm, batch: int, prompt_len: int, max_tokens: int, steps: int, fi
     return {"tok_s": tokens / wall, "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
             "peak_mem_mb": mem.mb, "steps_per_canvas": sum(sum(o.stats.steps_per_canvas) for o in outs) /
             sum(len(o.stats.steps_per_canvas) for o in outs)}
+
+
+def run_transformers_fresh(path: Path, batch: int, prompt_len: int, max_tokens: int, steps: int, vocab: int) -> float:
+    """`run_transformers` in a new process, as users run it: with glibc's default allocator, not
+    this process's heap setting (which speeds transformers up too, e.g. small preset batch 16:
+    ~100 -> ~140 tok/s) and with this process's thread count."""
+    code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); from pathlib import Path; "
+            f"from blockdiff.bench import run_transformers; "
+            f"print(run_transformers(Path({str(path)!r}), {batch}, {prompt_len}, {max_tokens}, {steps}, {vocab}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def run_transformers(path: Path, batch: int, prompt_len: int, max_tokens: int, steps: int, vocab: int) -> float:

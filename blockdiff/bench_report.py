@@ -86,7 +86,7 @@ def measure(args, ckpt: Path) -> int:
             if f"fixed_bs{bs}_tok_s" not in res:          # same batch size on both sides
                 r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, True)
                 res[f"fixed_bs{bs}_tok_s"] = r["tok_s"]
-            hf = bench.run_transformers(ckpt, bs, args.prompt_len, max_tokens, args.steps, model.config.vocab_size)
+            hf = bench.run_transformers_fresh(ckpt, bs, args.prompt_len, max_tokens, args.steps, model.config.vocab_size)
             res[f"transformers_bs{bs}_tok_s"] = hf
             res[f"speedup_vs_transformers_bs{bs}"] = res[f"fixed_bs{bs}_tok_s"] / hf
         res["speedup_vs_transformers_bs1_fp32"] = res["blockdiff_fp32_bs1_tok_s"] / res["transformers_bs1_tok_s"]

@@ -16,15 +16,22 @@ import torch
 from ..model.transformer import DiffusionGemma
 
 
+def inductor_options(device: torch.device) -> dict:
+    """CPU: a C++ wrapper launches each graph's kernels, instead of Python (small preset, batch 16:
+    step 137 -> 121 ms)."""
+    return {"cpp_wrapper": True} if device.type == "cpu" else {}
+
+
 def compile_model(model: DiffusionGemma) -> DiffusionGemma:
     if getattr(model, "_blockdiff_compiled", False):
         return model
+    options = inductor_options(model.device)
     for layer in model.layers:
         # the per-expert loop's host sync would break the graph; torch's compile-time shape rule for
         # grouped_mm (CUDA-minded) accepts only bf16, though the CPU kernel also runs fp32
         if not (layer.experts.grouped and layer.experts.gate_up_proj.dtype == torch.bfloat16):
             layer.experts.forward = torch.compiler.disable(layer.experts.forward)
-        layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True)
-        layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=True)
+        layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True, options=options)
+        layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=True, options=options)
     model._blockdiff_compiled = True
     return model

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion.batch_step import RowKnobs, StepOut, compiled_sampler_core, denoise_rows, sampler_core
+from ..diffusion.batch_step import RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core
 from ..diffusion.noise import INIT, hash_tokens
 from ..model.slots import SlotCache, SlotDecodeContext, SlotEncodeContext
 from .request import SamplingParams
@@ -44,7 +44,7 @@ class ModelRunner:
         self.canvas_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.knobs = {k: torch.zeros(num_slots, dtype=d, device=dev) for k, d in KNOB_DTYPES.items()}
         self.last: StepOut | None = None
-        self.sampler_core = compiled_sampler_core() if compile_sampler else sampler_core
+        self.sampler_core = compiled_sampler_core() if compile_sampler else eager_sampler_core(model)
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:

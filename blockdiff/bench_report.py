@@ -28,6 +28,9 @@ def add_cli(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="blockdiff dtype; auto = bf16 where the device supports it (default auto)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time each blockdiff and transformers run this many times and keep the fastest "
+                        "(shared machines are noisy; default 1)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the layers and the sampler: faster steps after 1-2 minutes of compiling "
@@ -39,6 +42,8 @@ def add_cli(sub) -> None:
 
 
 def run(args) -> int:
+    if args.repeat < 1:
+        raise ValueError("--repeat must be >= 1")
     apply_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="blockdiff-bench-") as tmp:
         return measure(args, Path(tmp))
@@ -67,7 +72,7 @@ def measure(args, ckpt: Path) -> int:
     res["compile"] = llm.compiled
     for bs in sizes:
         for mode, fixed in (("fixed", True), ("adaptive", False)):
-            r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, fixed)
+            r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, fixed, args.repeat)
             res.update({f"{mode}_bs{bs}_{k}": v for k, v in r.items()})
             print(f"blockdiff {mode:8s} bs={bs:3d}: {r['tok_s']:8.1f} tok/s  p50 {r['p50_s']:.2f}s  "
                   f"p99 {r['p99_s']:.2f}s  peak {r['peak_mem_mb']:.0f} MB", file=sys.stderr, flush=True)
@@ -84,9 +89,10 @@ def measure(args, ckpt: Path) -> int:
     if not args.no_transformers and args.preset != "26b-a4b":
         for bs in (1, 16):
             if f"fixed_bs{bs}_tok_s" not in res:          # same batch size on both sides
-                r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, True)
+                r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, True, args.repeat)
                 res[f"fixed_bs{bs}_tok_s"] = r["tok_s"]
-            hf = bench.run_transformers_fresh(ckpt, bs, args.prompt_len, max_tokens, args.steps, model.config.vocab_size)
+            hf = bench.run_transformers_fresh(ckpt, bs, args.prompt_len, max_tokens, args.steps, model.config.vocab_size,
+                                              args.repeat)
             res[f"transformers_bs{bs}_tok_s"] = hf
             res[f"speedup_vs_transformers_bs{bs}"] = res[f"fixed_bs{bs}_tok_s"] / hf
         res["speedup_vs_transformers_bs1_fp32"] = res["blockdiff_fp32_bs1_tok_s"] / res["transformers_bs1_tok_s"]

@@ -71,7 +71,7 @@ def softcap_table(cap: float, dtype: torch.dtype, device: str) -> torch.Tensor:
     """`tanh(x / cap) * cap` in fp32 for every value x of a 16-bit `dtype`: (65,536,) indexed by x's
     bits + 32768. Logits come out of a bf16 LM head, so the softcap takes one of only 65,536 inputs;
     a gather from this table gives the very bits of the computed formula (same ops, same inputs)
-    at a third of its cost on CPU, where tanh is the sampler's dearest operation."""
+    at about half its cost on CPU, where tanh is the sampler's dearest operation."""
     bits = torch.arange(-32768, 32768, dtype=torch.int32, device=device).to(torch.int16)
     return torch.tanh(bits.view(dtype).float() / cap) * cap
 

@@ -35,7 +35,8 @@ class LLM:
                  max_model_len: int = 2048, sampler_memory_mb: float = 256, attention: str = "eager",
                  compile: bool | None = None):
         """`model`: a checkpoint directory (loaded in `dtype`, default bf16 where fast) or a model object
-        used as it is. `attention`: 'eager' (default) keeps every row's arithmetic independent of the
+        used as it is (in place, its experts switch to grouped matmuls: same values, another memory
+        layout). `attention`: 'eager' (default) keeps every row's arithmetic independent of the
         batch; 'sdpa' is faster but its CPU flash kernel rounds differently with the batch's padded
         key length, so in bf16 a request's tokens can then depend on its neighbours.
         `compile`: torch.compile the model's layers (in place, see `compiled.py`) and the sampler,

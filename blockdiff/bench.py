@@ -143,8 +143,9 @@ def run_engine(llm, batch: int, prompt_len: int, max_tokens: int, steps: int, fi
     for _ in range(repeat):
         start = time.perf_counter()
         run = llm.generate(prompts, sp)
-        if time.perf_counter() - start < wall:
-            wall, outs = time.perf_counter() - start, run
+        elapsed = time.perf_counter() - start
+        if elapsed < wall:
+            wall, outs = elapsed, run
     with PeakMemory(llm.model.device) as mem:
         llm.generate(prompts, short)
     lat = sorted(o.stats.latency for o in outs)
@@ -205,7 +206,7 @@ def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
     LM-head and soft-embedding matmuls) vs sampler (softcap, temperature, softmax, entropy, sort,
     sampling, acceptance: the sampler's own call on fixed hidden states, less its two matmuls, so
     that the decoder's timing noise does not enter it)."""
-    from .diffusion.batch_step import RowKnobs, denoise_rows
+    from .diffusion.batch_step import denoise_rows
     from .engine.request import SamplingParams
 
     model, runner, c = llm.model, llm.runner, llm.model.config.canvas_length
@@ -230,7 +231,7 @@ def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
         t_head = timed(lambda: torch.nn.functional.linear(hidden, model.embed_tokens.weight), model.device, 5)
         t_soft = timed(lambda: probs @ model.embed_tokens.weight, model.device, 5)
         t_step = timed(lambda: runner.denoise(slots, lengths), model.device, 5)
-        knobs = RowKnobs(**{k: v[idx] for k, v in runner.knobs.items()})
+        knobs = runner.row_knobs(idx)
         t_rows = timed(lambda: denoise_rows(model, hidden, knobs, runner.step_idx[idx], runner.canvas_idx[idx],
                                             runner.history[idx], runner.budget, core=runner.sampler_core),
                        model.device, 5)

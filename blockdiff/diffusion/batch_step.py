@@ -106,16 +106,11 @@ def eager_sampler_core(model):
     return functools.partial(sampler_core, table=softcap_table(cap, w.dtype, str(w.device)))
 
 
-_compiled_core = None
-
-
+@functools.cache
 def compiled_sampler_core():
     """`sampler_core` through torch.compile (one fused loop per row instead of ~10 passes over
     (C x V)); compiled once for dynamic shapes, ~25 s on a 2-core CPU the first time."""
-    global _compiled_core
-    if _compiled_core is None:
-        _compiled_core = torch.compile(sampler_core, dynamic=True)
-    return _compiled_core
+    return torch.compile(sampler_core, dynamic=True)
 
 
 def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,

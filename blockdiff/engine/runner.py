@@ -81,6 +81,10 @@ class ModelRunner:
         self.soft[slots] = 0
         self.history[slots] = -1
 
+    def row_knobs(self, idx: torch.Tensor) -> RowKnobs:
+        """The knobs of slots `idx` (R,) as (R,) device tensors."""
+        return RowKnobs(**{k: v[idx] for k, v in self.knobs.items()})
+
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()
     def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False) -> list[bool]:
@@ -91,7 +95,7 @@ class ModelRunner:
         ctx = SlotDecodeContext(self.cache, idx, lens, max(lengths), self.model.config.sliding_window,
                                 self.model.dtype)
         hidden = self.model.denoise_with(self.canvas[idx], positions, ctx, self.soft[idx])
-        knobs = RowKnobs(**{k: v[idx] for k, v in self.knobs.items()})
+        knobs = self.row_knobs(idx)
         out, history = denoise_rows(self.model, hidden, knobs, self.step_idx[idx], self.canvas_idx[idx],
                                     self.history[idx], self.budget, use_k, use_p, self.sampler_core)
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history

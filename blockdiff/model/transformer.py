@@ -81,9 +81,10 @@ class DiffusionGemma(nn.Module):
         for layer in self.layers:
             layer.self_attn.impl = impl
 
-    def use_grouped_experts(self) -> bool:
+    def use_grouped_experts(self) -> None:
         """Inference layout: every layer's experts as grouped matmuls (see `Experts.use_grouped_mm`)."""
-        return all([layer.experts.use_grouped_mm() for layer in self.layers])
+        for layer in self.layers:
+            layer.experts.use_grouped_mm()
 
     # ---- embeddings ---------------------------------------------------------------------------
     def embed_scale(self, dtype: torch.dtype) -> torch.Tensor:

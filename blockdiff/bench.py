@@ -206,7 +206,7 @@ def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
     LM-head and soft-embedding matmuls) vs sampler (softcap, temperature, softmax, entropy, sort,
     sampling, acceptance: the sampler's own call on fixed hidden states, less its two matmuls, so
     that the decoder's timing noise does not enter it)."""
-    from .diffusion.batch_step import denoise_rows
+    from .diffusion.sampler import denoise_rows
     from .engine.request import SamplingParams
 
     model, runner, c = llm.model, llm.runner, llm.model.config.canvas_length
@@ -216,7 +216,7 @@ def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
         runner.assign(i, SamplingParams(seed=i), i)
         runner.prefill(i, p, 0)
     idx = torch.tensor(slots, device=model.device)
-    from .model.slots import SlotDecodeContext
+    from .model.slot_cache import SlotDecodeContext
 
     def decoder():
         lens = torch.tensor(lengths, device=model.device)

@@ -1,60 +1,22 @@
-"""Checkpoint I/O in the Hugging Face layout: `config.json` + `model.safetensors` (or shards with
-`model.safetensors.index.json`). Safetensors only; nothing is ever unpickled.
+"""Loading a checkpoint directory in the Hugging Face layout (`hf_layout.py`) into a `DiffusionGemma`.
 
-Contract:
-- `load_model(path, dtype, device)` builds the model on the `meta` device and assigns the loaded
-  tensors, so no memory is spent on a random init. Loading is strict: a missing, unexpected or
-  wrongly shaped tensor raises `CheckpointError` naming it.
-- Name mapping is declarative (`to_ours`): `model.decoder.X` <-> `X`; the encoder's only untied
-  tensors, `model.encoder.language_model.layers.{i}.layer_scalar`, <-> `layers.{i}.encoder_layer_scalar`.
-  Tied copies (`lm_head.weight`, other `model.encoder.language_model.*`) are accepted and
-  shape-checked but not loaded twice. Vision-tower tensors are skipped with a one-line notice and
-  copied through unchanged on save, so a round trip keeps them.
-- `save_checkpoint` writes what `transformers.DiffusionGemmaForBlockDiffusion.from_pretrained` reads.
+Contract: `load_model(path, dtype, device)` builds the model on the `meta` device and assigns the
+loaded tensors, so no memory is spent on a random init. Loading is strict: a missing, unexpected or
+wrongly shaped tensor raises `CheckpointError` naming it. Safetensors only; nothing is unpickled.
 """
 from __future__ import annotations
 
-import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .hf_layout import DTYPES, SKIP, CheckpointError, save_checkpoint, to_checkpoint, to_ours, weight_files
 from .model.transformer import DiffusionGemma
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEC, ENC = "model.decoder.", "model.encoder.language_model."
-ENC_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
-VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
-SKIP, TIED = "skip", "tied"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is; the message names the file or tensor."""
-
-
-def to_ours(key: str) -> tuple[str, str]:
-    """Checkpoint key -> (kind, our name): kind is 'load', 'tied' (check shape only) or 'skip'."""
-    if key.startswith(DEC):
-        return "load", key[len(DEC):]
-    if m := ENC_SCALAR.match(key):
-        return "load", f"layers.{m.group(1)}.encoder_layer_scalar"
-    if key.startswith(ENC):
-        return TIED, key[len(ENC):]
-    if key == "lm_head.weight":
-        return TIED, "embed_tokens.weight"
-    if key.startswith(VISION):
-        return SKIP, key
-    raise CheckpointError(f"unexpected tensor '{key}' in checkpoint")
-
-
-def to_checkpoint(name: str) -> str:
-    m = re.match(r"^layers\.(\d+)\.encoder_layer_scalar$", name)
-    return f"{ENC}layers.{m.group(1)}.layer_scalar" if m else DEC + name
+__all__ = ["CheckpointError", "load_model", "resolve_dtype", "save_checkpoint"]
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
@@ -64,24 +26,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch
     if name not in DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def weight_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint shard {f} is missing")
-    return files
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
@@ -123,42 +67,3 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
     if skipped:
         print(f"blockdiff: skipped {skipped} vision-tower tensors (text-only model)", file=sys.stderr)
     return model.eval()
-
-
-def save_checkpoint(model: DiffusionGemma, path: str | Path, max_shard_bytes: int | None = None) -> None:
-    """Write config.json and safetensors (sharded with an index if `max_shard_bytes` is exceeded)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {to_checkpoint(n): t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-    for key, file in model.source_files.items():     # vision tensors copied through unchanged
-        with safe_open(file, framework="pt", device="cpu") as f:
-            tensors[key] = f.get_tensor(key)
-    config = model.config
-    config.dtype = next(k for k, v in DTYPES.items() if v == model.dtype)
-    config.save(path / "config.json")
-    shards = _shard(tensors, max_shard_bytes)
-    for stale in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
-        weight_map.update({key: name for key in shard})
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
-        if max_bytes and current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensors[key]
-        size += nbytes
-    return shards + [current]

@@ -1,6 +1,5 @@
 """Data pipeline: source parsing, corpus build (clean, chunk, dedup, split), tokenizer training,
 token bins, random-window batches and the `data` CLI. Fake sources only: no apt packages needed."""
-import argparse
 import hashlib
 import json
 import random
@@ -15,7 +14,8 @@ import torch
 from blockdiff.tokenizer import Tokenizer
 from blockdiff.train import rdata, sources
 from blockdiff.train.corpus import CorpusConfig, build_corpus, chunk_document, is_validation, normalize_text
-from blockdiff.train.data import TokenDataset, add_cli, token_dtype, tokenize_corpus, train_tokenizer
+from blockdiff.cli import build_parser
+from blockdiff.train.data import TokenDataset, token_dtype, tokenize_corpus, train_tokenizer
 from blockdiff.train.sources import Source, SourceUnavailable
 
 WORDS = "the of and to in a is that was he for it with as his on be at by had not are but from".split()
@@ -264,9 +264,7 @@ def test_dataset_missing_meta_error_names_path(tmp_path):
 # --- CLI -------------------------------------------------------------------------------------------
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="blockdiff")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def test_cli_help_explains_every_option(capsys):

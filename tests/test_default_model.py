@@ -1,6 +1,6 @@
 """The embedded default model ships inside the package, loads, and generates text with no download."""
 import blockdiff
-from blockdiff.cli import DEFAULT_MODEL, default_model_dir
+from blockdiff.cli.common import DEFAULT_MODEL, default_model_dir
 
 
 def test_default_model_is_bundled_and_generates():

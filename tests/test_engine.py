@@ -171,7 +171,7 @@ def test_canvas_frames_only_when_asked(demo_path):
 
 def test_compiled_sampler_core_matches_eager():
     """The opt-in torch.compile'd sampler computes the same quantities as the eager one."""
-    from blockdiff.diffusion.batch_step import compiled_sampler_core, sampler_core
+    from blockdiff.diffusion.sampler import compiled_sampler_core, sampler_core
 
     gen = torch.Generator().manual_seed(0)
     logits = (4 * torch.randn(3, 16, 300, generator=gen)).bfloat16()
@@ -190,7 +190,7 @@ def test_softcap_table_gives_the_computed_bits(dtype):
     """The eager sampler's softcap by table lookup gives the bits of tanh(x / cap) * cap computed in
     place on the logits tensor, for every finite 16-bit value (one row holding them all, so other
     shapes and vector positions than the table's own) and through the rest of the sampler core."""
-    from blockdiff.diffusion.batch_step import sampler_core, softcap_table
+    from blockdiff.diffusion.sampler import sampler_core, softcap_table
 
     table = softcap_table(30.0, dtype, "cpu")
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)

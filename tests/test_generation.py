@@ -92,7 +92,7 @@ def cli(*args):
 
 def test_cli_generate(demo):
     path = demo[0]
-    run = cli("generate", "Hello", "--model", str(path), "--max-tokens", "12", "--steps", "3", "--seed", "4",
+    run = cli("generate", "Hello", "--model", str(path), "--max-tokens", "12", "--max-denoising-steps", "3", "--seed", "4",
               "--dtype", "float32")
     assert run.returncode == 0, run.stderr
     llm = blockdiff.LLM(path, dtype="float32")
@@ -102,10 +102,10 @@ def test_cli_generate(demo):
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "x", "--model", "/does/not/exist"], "does not exist"),
-    (["generate", "x", "--steps", "0"], "max_denoising_steps"),
+    (["generate", "x", "--max-denoising-steps", "0"], "max_denoising_steps"),
     (["generate", "x", "--top-p", "0"], "unrecognized arguments"),
     (["generate", "x", "--max-tokens", "-3"], "max_tokens"),
-    (["generate", "x", "--steps", "many"], "invalid int value"),
+    (["generate", "x", "--max-denoising-steps", "many"], "invalid int value"),
 ])
 def test_cli_errors_are_one_line(demo, args, message):
     path = demo[0]
@@ -119,5 +119,5 @@ def test_cli_errors_are_one_line(demo, args, message):
 def test_cli_help_explains_options():
     run = cli("generate", "--help")
     assert run.returncode == 0
-    for flag in ("--model", "--max-tokens", "--steps", "--seed", "--temperature", "--stop"):
+    for flag in ("--model", "--max-tokens", "--max-denoising-steps", "--seed", "--temperature", "--stop"):
         assert flag in run.stdout

@@ -1,7 +1,7 @@
 """Scheduler and slot allocator: plain-Python bookkeeping, tested without a model."""
 import pytest
 
-from blockdiff.engine.kv_cache import SlotAllocator, common_prefix
+from blockdiff.engine.slot_allocator import SlotAllocator, common_prefix
 from blockdiff.engine.request import Request, SamplingParams, Status
 from blockdiff.engine.scheduler import Scheduler
 

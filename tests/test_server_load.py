@@ -190,8 +190,7 @@ def test_request_timeout(model_dir):
         wait_for(lambda: metric(metrics_of(server), "blockdiff_requests_running") == 0)
 
 
-SERVE = ("import argparse, sys; from blockdiff.server import add_cli; p = argparse.ArgumentParser(); "
-         "add_cli(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
+SERVE = "import sys; from blockdiff.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def test_sigterm_lets_open_streams_finish(model_dir):

@@ -129,7 +129,7 @@ def test_torchrun_two_processes_match_one(corpus, one_process, tmp_path, fsdp):
     path.write_text(json.dumps({k: v for k, v in vars(cfg).items()}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "blockdiff.train.trainer", str(path)]
+           "-m", "blockdiff.cli", "train", str(path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for kind in ("train", "val"):
@@ -162,7 +162,7 @@ def test_sigterm_checkpoints_and_the_run_resumes(corpus, tmp_path):
     path = tmp_path / "train.json"
     path.write_text(json.dumps(vars(cfg)))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "blockdiff.train.trainer", str(path)]
+    cmd = [sys.executable, "-m", "blockdiff.cli", "train", str(path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     log = tmp_path / "out" / "log.jsonl"
     deadline = time.monotonic() + 60

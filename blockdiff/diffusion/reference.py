@@ -17,7 +17,7 @@ import torch
 from ..model.transformer import DiffusionGemma
 from .params import DiffusionParams
 from .noise import TorchNoise
-from .sampler import entropy, entropy_bound_accept, step_temperature
+from .acceptance import entropy, entropy_bound_accept, step_temperature
 from .stopping import StableAndConfident
 
 

@@ -1,35 +1,156 @@
-"""The entropy-bound sampler's math, as small tensor functions shared by the reference and the engine.
+"""One vectorised denoising step over many rows, each with its own knobs: the engine's hot path.
 
-Every function works on whole batches, `(B, C)` positions at once, with no host syncs. Numerics
-match transformers 5.23.0 (SPEC sections 6 and 8):
-- the temperature is a float32 tensor `t_min + (t_max - t_min) * (int32(step) / N)`, and logits are
-  *divided* by it (a Python-double temperature differs in the last ulp);
-- entropy is `torch.distributions.Categorical(logits=...).entropy()`, written out;
-- acceptance keeps the lowest-entropy positions whose sorted cumulative entropy, excluding the
-  position itself, is <= the bound (so the most confident position is always accepted).
+Given the decoder's hidden states (R, C, H) for R canvases, computes for every row, with no host
+sync and no Python loop over rows: tempered logits, entropy, argmax, the sampled tokens
+(inverse-CDF with counter-based uniforms, so a row's draw does not depend on the batch), entropy-
+bound acceptance, renoising, the stable-and-confident test and the next self-conditioning input.
+The (R, C, V) logits are processed in row tiles so temporary memory stays under a byte budget.
+Per-row knobs live in `RowKnobs` tensors; the same math as `reference.py` for a single row
+(entropy up to float rounding, see `denoise_tile`).
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
-
-def step_temperature(step: int | torch.Tensor, num_steps: int, t_min: float, t_max: float) -> torch.Tensor:
-    """Linear schedule: `t_max` at step N (the first), down to `t_min + (t_max - t_min)/N` at step 1.
-    `step` counts remaining steps. Returns a float32 0-d tensor (or (B,) for a tensor of steps)."""
-    step = torch.as_tensor(step, dtype=torch.int32)
-    return t_min + (t_max - t_min) * (step / num_steps)
+from .noise import RENOISE, hash_tokens, hash_uniform, inverse_cdf_sample
+from .acceptance import entropy_bound_accept
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy in nats of softmax(logits). (…, V) fp32 -> (…)."""
-    logp = logits - logits.logsumexp(dim=-1, keepdim=True)
-    p = torch.softmax(logp, dim=-1)
-    return -(logp.clamp(min=torch.finfo(logp.dtype).min) * p).sum(-1)
+@dataclass
+class RowKnobs:
+    """Per-row settings as device tensors, all (R,)."""
+    num_steps: torch.Tensor       # int64 N
+    t_min: torch.Tensor           # fp32
+    t_span: torch.Tensor          # fp32 (t_max - t_min, computed in double then rounded)
+    temp_scale: torch.Tensor      # fp32 multiplier (1.0 for temperature 0 or 1)
+    greedy: torch.Tensor          # bool
+    bound: torch.Tensor           # fp32 entropy bound
+    confidence: torch.Tensor      # fp32 threshold
+    stability: torch.Tensor       # int64 S
+    fixed: torch.Tensor           # bool: never stop early
+    top_k: torch.Tensor           # int64, 0 = off
+    top_p: torch.Tensor           # fp32, 1 = off
+    seed: torch.Tensor            # int64
 
 
-def entropy_bound_accept(token_entropy: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:
-    """(B, C) entropies -> (B, C) bool: accept the k most confident positions such that the sum of
-    their entropies minus the largest of them is <= bound. `bound` may be (B, 1) for per-row bounds."""
-    sorted_ent, order = torch.sort(token_entropy, dim=-1)
-    selected = (torch.cumsum(sorted_ent, dim=-1) - sorted_ent) <= bound
-    return torch.zeros_like(selected).scatter(-1, order, selected)
+@dataclass
+class StepOut:
+    argmax: torch.Tensor          # (R, C) committed candidate
+    next_canvas: torch.Tensor     # (R, C) input of the next step
+    accept: torch.Tensor          # (R, C) bool
+    confidence: torch.Tensor      # (R, C) fp32 max probability per position
+    soft: torch.Tensor            # (R, C, H) next self-conditioning soft embedding
+    stop: torch.Tensor            # (R,) bool: stable and confident (fixed rows: never)
+
+
+def rows_per_tile(canvas: int, vocab: int, budget_bytes: int) -> int:
+    # about five fp32 (C, V) temporaries live at once per row: logits, proc, probs, cdf, scratch
+    return max(1, budget_bytes // (5 * 4 * canvas * vocab))
+
+
+def _filter_top(proc: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, use_k: bool, use_p: bool):
+    """Mask logits outside each row's top-k / top-p nucleus (for sampling only)."""
+    if use_k:
+        k = torch.where(top_k > 0, top_k, proc.shape[-1]).clamp(max=proc.shape[-1])
+        kth = torch.sort(proc, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None, None].expand(
+            proc.shape[0], proc.shape[1], 1))
+        proc = proc.masked_fill(proc < kth, float("-inf"))
+    if use_p:
+        sorted_p, order = torch.softmax(proc, -1).sort(dim=-1, descending=True)
+        # keep the first token always; rows with top_p = 1 keep everything (no rounding-dropped tail)
+        drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None, None]) & (top_p < 1)[:, None, None]
+        proc = proc.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return proc
+
+
+@functools.cache
+def softcap_table(cap: float, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """`tanh(x / cap) * cap` in fp32 for every value x of a 16-bit `dtype`: (65,536,) indexed by x's
+    bits + 32768. Logits come out of a bf16 LM head, so the softcap takes one of only 65,536 inputs;
+    a gather from this table gives the very bits of the computed formula (same ops, same inputs)
+    at about half its cost on CPU, where tanh is the sampler's dearest operation."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32, device=device).to(torch.int16)
+    return torch.tanh(bits.view(dtype).float() / cap) * cap
+
+
+def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: torch.Tensor | None = None):
+    """Raw LM-head output (r, C, V) -> tempered fp32 logits, probs, argmax, max prob, entropy.
+    Softcap (from `table` when given: `softcap_table` of the logits' dtype) then divide by the
+    temperature, exactly as the reference. Entropy is `logsumexp - sum(p * logits)`, from the
+    softmax already computed (equal to the reference's Categorical entropy up to float rounding)
+    to save passes over (C x V)."""
+    if table is not None:
+        proc = torch.take(table, logits.view(torch.int16).to(torch.int64) + 32768)
+    elif cap:
+        proc = torch.tanh(logits.float() / cap) * cap
+    else:
+        proc = logits.float()
+    proc = proc / temp[:, None, None]
+    probs = torch.softmax(proc, dim=-1)
+    top, argmax = proc.max(dim=-1)
+    confidence = probs.amax(-1)                                    # = 1 / sum(exp(proc - top))
+    ent = top - confidence.log() - (probs * proc).sum(-1)          # logsumexp - E_p[proc]
+    return proc, probs, argmax, confidence, ent
+
+
+def eager_sampler_core(model):
+    """`sampler_core` with the softcap table of the model's 16-bit logits bound (none for fp32).
+    Eager only: compiled, the gather is repeated inside each fused pass and runs slower than
+    inductor's own tanh."""
+    w, cap = model.embed_tokens.weight, model.config.final_logit_softcapping
+    if not cap or w.dtype not in (torch.bfloat16, torch.float16):
+        return sampler_core
+    return functools.partial(sampler_core, table=softcap_table(cap, w.dtype, str(w.device)))
+
+
+@functools.cache
+def compiled_sampler_core():
+    """`sampler_core` through torch.compile (one fused loop per row instead of ~10 passes over
+    (C x V)); compiled once for dynamic shapes, ~25 s on a 2-core CPU the first time."""
+    return torch.compile(sampler_core, dynamic=True)
+
+
+def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
+                 core=sampler_core):
+    """hidden (r, C, H) -> (argmax, sampled, accept, confidence, soft, entropy) for a tile of rows.
+    `core`: `sampler_core`, `eager_sampler_core(model)` or `compiled_sampler_core()`."""
+    cur = (knobs.num_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
+    temp = knobs.t_min + knobs.t_span * (cur / knobs.num_steps.to(torch.int32))
+    w = model.embed_tokens.weight
+    proc, probs, argmax, confidence, ent = core(torch.nn.functional.linear(hidden, w), temp * knobs.temp_scale,
+                                                model.config.final_logit_softcapping)
+    sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
+        if (use_k or use_p) else probs
+    u = hash_uniform(knobs.seed, canvas_idx, step_idx, hidden.shape[1])
+    sampled = torch.where(knobs.greedy[:, None], argmax, inverse_cdf_sample(sample_probs, u))
+    accept = entropy_bound_accept(ent, knobs.bound[:, None])
+    soft = torch.matmul(probs.to(w.dtype), w) * model.embed_scale(w.dtype).to(w.device)
+    return argmax, sampled, accept, confidence, soft, ent
+
+
+def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,
+                 use_k: bool = False, use_p: bool = False, core=sampler_core) -> tuple[StepOut, torch.Tensor]:
+    """All rows in tiles. history (R, S_max, C) previous argmax canvases (-1 filled at canvas start).
+    Returns the step outputs and the updated history."""
+    r, c, _ = hidden.shape
+    tile = rows_per_tile(c, model.config.vocab_size, budget_bytes)
+    parts = []
+    for lo in range(0, r, tile):
+        sl = slice(lo, lo + tile)
+        sub = RowKnobs(*(getattr(knobs, f)[sl] for f in RowKnobs.__dataclass_fields__))
+        parts.append(denoise_tile(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p, core))
+    argmax, sampled, accept, conf, soft, ent = (torch.cat(x) for x in zip(*parts))
+    noise = hash_tokens(knobs.seed, canvas_idx, step_idx, RENOISE, c, model.config.vocab_size)
+    next_canvas = torch.where(accept, sampled, noise)
+    # stable: argmax equal to each of the last S_r stored canvases (S_r = 0: always stable)
+    s_max = history.shape[1]
+    considered = torch.arange(s_max, device=hidden.device)[None, :] >= (s_max - knobs.stability)[:, None]
+    same = (history == argmax[:, None, :]).all(-1) | ~considered                 # (R, S_max)
+    stable = same.all(-1)
+    confident = ent.mean(-1) < knobs.confidence
+    history = torch.cat((history[:, 1:], argmax[:, None, :]), dim=1) if s_max else history
+    stop = stable & confident & ~knobs.fixed
+    return StepOut(argmax, next_canvas, accept, conf, soft, stop), history

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampler import entropy
+from .acceptance import entropy
 
 
 class StableAndConfident:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion.noise import hash_uniform, inverse_cdf_sample
-from ..model.slots import SlotCache, SlotEncodeContext
+from ..model.slot_cache import SlotCache, SlotEncodeContext
 
 
 @dataclass

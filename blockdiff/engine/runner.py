@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion.batch_step import RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core
+from ..diffusion.sampler import RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core
 from ..diffusion.noise import INIT, hash_tokens
-from ..model.slots import SlotCache, SlotDecodeContext, SlotEncodeContext
+from ..model.slot_cache import SlotCache, SlotDecodeContext, SlotEncodeContext
 from .request import SamplingParams
 
 KNOB_DTYPES = {"num_steps": torch.int64, "t_min": torch.float32, "t_span": torch.float32,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from .kv_cache import Allocation, SlotAllocator
+from .slot_allocator import Allocation, SlotAllocator
 from .request import Request, Status
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..hf_layout import save_checkpoint
 from .attention import AttnContext, Attention, DecodeContext, EncodeContext
 from .cache import KVCache
 from .layers import MLP, Experts, RMSNorm, Rotary, Router
@@ -167,5 +168,4 @@ class DiffusionGemma(nn.Module):
         return self.logits(self.denoise(canvas_ids, cache))
 
     def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
-        from ..checkpoint import save_checkpoint
         save_checkpoint(self, path, max_shard_bytes=max_shard_bytes)

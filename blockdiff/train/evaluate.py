@@ -10,7 +10,6 @@ The judge is injectable (`Judge` protocol: `perplexity(texts) -> float`) so test
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -135,29 +134,3 @@ def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | N
         res["ar_example"] = texts[0] if texts else ""
         res.update({f"ar_{k}": v for k, v in validation_losses(ar, corpus, "ar", val_batches, seq_len).items()})
     return res
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("eval", help="validation loss, judge perplexity and speed of a model",
-                       description="Evaluate a model on the corpus's validation split: diffusion/encoder losses, "
-                                   "judge perplexity (SmolLM2-135M) of generated vs real text, and tok/s. "
-                                   "Last output line is JSON.")
-    p.add_argument("--model", type=Path, required=True, help="model directory (blockdiff export output)")
-    p.add_argument("--ar-model", type=Path, default=None, help="an AR-objective model of the same size to compare")
-    p.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus directory (default data/corpus)")
-    p.add_argument("--samples", type=int, default=16, help="generated continuations to judge (default 16)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens per continuation (default 64)")
-    p.add_argument("--steps", type=int, default=48, help="max denoising steps per canvas (default 48)")
-    p.add_argument("--fast-steps", type=int, default=16,
-                   help="also judge and time the sampler at this many steps (default 16; 0 = skip)")
-    p.add_argument("--ar-temperature", type=float, default=0.6,
-                   help="sampling temperature of the AR baseline (default 0.6, the middle of the diffusion "
-                        "sampler's default 0.8 -> 0.4 schedule)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    res = evaluate(args.model, args.corpus, SmolJudge(), args.ar_model, args.samples, args.max_tokens,
-                   steps=args.steps, ar_temperature=args.ar_temperature, fast_steps=args.fast_steps or None)
-    print(json.dumps(res))
-    return 0

@@ -104,25 +104,3 @@ def _evaluation(ev: dict) -> list[str]:
 
 def _fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) else "n/a"
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("export", help="export a training run as a model directory",
-                       description="Write RUN/checkpoint as a model directory (weights in DTYPE, tokenizer, "
-                                   "generated model card).")
-    p.add_argument("run", type=Path, help="training output directory (holds checkpoint/ and log.jsonl)")
-    p.add_argument("dest", type=Path, help="destination directory")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight dtype (default bf16)")
-    p.add_argument("--corpus", type=Path, default=Path("data/corpus"),
-                   help="corpus directory whose manifest.json lists sources and licenses (default data/corpus)")
-    p.add_argument("--eval", type=Path, default=None, help="a file whose last line is `blockdiff eval`'s JSON, "
-                                                            "added to the model card")
-    p.add_argument("--note", default="", help="a paragraph added to the card's training section")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    evaluation = json.loads(args.eval.read_text().strip().splitlines()[-1]) if args.eval else None
-    export_run(args.run, args.dest, args.dtype, args.corpus if args.corpus.is_dir() else None,
-               evaluation=evaluation, note=args.note)
-    return 0

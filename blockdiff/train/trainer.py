@@ -14,12 +14,9 @@ Contract:
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import json
 import math
-import os
 import signal
 import sys
 import time
@@ -37,7 +34,7 @@ from . import distributed, monitor, state
 from .objective import TrainingModel
 from .train_config import TrainConfig
 
-__all__ = ["TrainConfig", "TrainResult", "add_cli", "learning_rate", "main", "train"]
+__all__ = ["TrainConfig", "TrainResult", "learning_rate", "train"]
 
 
 @dataclass
@@ -256,47 +253,3 @@ def _sigterm_as_interrupt(d: distributed.Dist):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-# ---- command line -------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG", type=Path, help="training config, a JSON file (see configs/)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT_DIR/checkpoint (weights, optimizer state, step) if it exists")
-    p.add_argument("--max-steps", type=int, default=None, metavar="N",
-                   help="stop after step N in this session; the learning-rate schedule still spans the "
-                        "config's max_steps, so a later --resume continues the same run")
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register `train` on an argparse subparsers object; the handler is `args.func(args)`."""
-    p = subparsers.add_parser(
-        "train", help="train a model (block diffusion or the autoregressive baseline)",
-        description="Train a DiffusionGemma model on a tokenized corpus (blockdiff data). Writes "
-                    "OUT_DIR/checkpoint/ (Hugging Face layout + optimizer state), OUT_DIR/log.jsonl and "
-                    "OUT_DIR/loss.png. Multi-process: torchrun --nproc_per_node N -m blockdiff.train.trainer CONFIG.")
-    add_arguments(p)
-    p.set_defaults(func=_run_cli)
-    return p
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    cfg = TrainConfig.from_file(args.config)
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise ValueError("--max-steps must be positive")
-    result = train(cfg, resume=args.resume, max_steps=args.max_steps)
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"step": result.step, "train_loss": result.train_loss, "val_loss": result.val_loss,
-                          "checkpoint": str(result.out_dir / "checkpoint")}))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m blockdiff.train.trainer CONFIG ...` (what torchrun launches) = `blockdiff train CONFIG ...`."""
-    from ..cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """SlotAllocator: which request owns which KV-cache slot, and which tokens each slot holds.
 
-Plain Python (no tensors); the runner owns the tensors (`model.slots.SlotCache`). Prefix caching:
+Plain Python (no tensors); the runner owns the tensors (`model.slot_cache.SlotCache`). Prefix caching:
 a slot keeps the token ids whose K/V it holds, also after its request finished, until reused. A new
 prompt takes the free slot sharing its longest prefix (reusing those positions as they are), or
 copies the shared prefix from a busy slot (e.g. the sibling requests of `n > 1`), so a prompt's

@@ -2,8 +2,6 @@
 and prints one JSON line last with every figure (the contract benchmark readers rely on)."""
 from __future__ import annotations
 
-import argparse
-
 import json
 import sys
 import tempfile
@@ -11,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from . import bench
-from .hardware import add_threads_flag, apply_threads
+from .. import bench
+from .common import add_device_flags, setup
 
 
-def add_cli(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark blockdiff vs transformers vs AR decoding",
                        description="Measure blockdiff's engine against transformers' generate() and AR decoding "
                                    "on the same random-weight checkpoint. The last output line is JSON.")
@@ -25,37 +23,31 @@ def add_cli(sub) -> None:
     p.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     p.add_argument("--canvases", type=int, default=2, help="canvases generated per request (default 2)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default 32)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="blockdiff dtype; auto = bf16 where the device supports it (default auto)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--repeat", type=int, default=1,
                    help="time each blockdiff and transformers run this many times and keep the fastest "
                         "(shared machines are noisy; default 1)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the layers and the sampler: faster steps after 1-2 minutes of compiling "
-                        "(default: on for CUDA, off for CPU)")
     p.add_argument("--sampler-budget-mb", type=float, default=256, help="sampler temporary memory budget (MB)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where the plot and checkpoint go")
-    add_threads_flag(p)
+    add_device_flags(p, device="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     if args.repeat < 1:
         raise ValueError("--repeat must be >= 1")
-    apply_threads(args.threads)
+    setup(args)
     with tempfile.TemporaryDirectory(prefix="blockdiff-bench-") as tmp:
         return measure(args, Path(tmp))
 
 
 def measure(args, ckpt: Path) -> int:
     """All measurements on one random checkpoint written to `ckpt` (transformers reads it too)."""
-    from .engine.engine import LLM
-    from .hardware import auto_dtype
+    from ..engine.engine import LLM
+    from ..hardware import auto_dtype
 
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    dtype = auto_dtype(args.device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = auto_dtype(args.device) if args.dtype is None else getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     model = bench.build_checkpoint(args.preset, ckpt, torch.float32, args.device)
     c = model.config.canvas_length

@@ -1,0 +1,33 @@
+"""The `blockdiff` command line: every subcommand and its flags; the work lives in the library.
+
+Errors the user can fix (bad paths, bad options, bad checkpoints) print one line
+`blockdiff: error: ...` and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import bench, generate, serve, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blockdiff", description="Block-diffusion language models (DiffusionGemma).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    generate.add_parser(sub)
+    serve.add_parser(sub)
+    train.add_parsers(sub)
+    bench.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, OSError) as err:   # ConfigError/CheckpointError are ValueErrors
+        print(f"blockdiff: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

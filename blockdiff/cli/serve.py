@@ -1,0 +1,58 @@
+"""`blockdiff serve`: an OpenAI-compatible HTTP server with live canvas streaming and a playground.
+
+    blockdiff serve --model DIR --port 8000 [--api-key KEY]
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "NAME", "prompt": "Hello", "max_tokens": 32, "max_denoising_steps": 8}'
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .common import add_model_flags, model_path, positive, setup
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve a model over an OpenAI-compatible HTTP API, with a browser "
+                                   "playground at /.")
+    add_model_flags(p, max_model_len=2048)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("BLOCKDIFF_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $BLOCKDIFF_API_KEY, else no key)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests (choices) waiting for a slot before answering 429 (default 64)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let open requests finish (default 30)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup(args)
+    positive(args, "max_num_seqs", "max_model_len", "max_body_bytes")
+    if args.max_queue < 0 or args.request_timeout <= 0:
+        raise ValueError("--max-queue must be >= 0 and --request-timeout > 0")
+    import uvicorn
+
+    from ..engine.engine import LLM
+    from ..server.app import ServerConfig, create_app
+
+    path = model_path(args)
+    llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+              max_model_len=args.max_model_len, compile=args.compile)
+    if llm.compiled:
+        print("blockdiff: compiling (1-2 minutes)...", file=sys.stderr, flush=True)
+        llm.warm_up()
+    config = ServerConfig(args.served_model_name or Path(path).resolve().name, args.api_key, args.max_queue,
+                          args.request_timeout, args.max_body_bytes)
+    uvicorn.run(create_app(llm, config), host=args.host, port=args.port,
+                timeout_graceful_shutdown=args.shutdown_timeout, log_level="info")
+    return 0

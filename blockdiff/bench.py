@@ -178,7 +178,7 @@ def run_transformers(path: Path, batch: int, prompt_len: int, max_tokens: int, s
     logging.set_verbosity_error()      # the placeholder vision tower's random init is expected
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
     ids = torch.tensor(prompts_for(batch, prompt_len, vocab))
-    # a vanishing confidence threshold never triggers: every canvas runs exactly `steps` steps
+    # a vanishing confidence_threshold never triggers: every canvas runs exactly `steps` steps
     kw = dict(max_new_tokens=max_tokens, max_denoising_steps=steps, confidence_threshold=1e-30)
     with torch.no_grad():
         hf.generate(ids[:1], **kw)

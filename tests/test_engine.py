@@ -166,7 +166,7 @@ def test_canvas_frames_only_when_asked(demo_path):
         frames += llm.frames
     assert {f.request_id for f in frames} == {a}
     assert [(f.canvas, f.step) for f in frames] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
-    assert all(len(f.tokens) == 16 and len(f.confidence) == 16 and 0 < max(f.confidence) <= 1 for f in frames)
+    assert all(len(f.tokens) == 16 and len(f.max_prob) == 16 and 0 < max(f.max_prob) <= 1 for f in frames)
 
 
 def test_compiled_sampler_core_matches_eager():

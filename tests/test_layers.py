@@ -36,10 +36,10 @@ def test_grouped_experts_equal_the_loop(dtype):
         w = torch.rand(tokens, 2, generator=gen)
         with torch.no_grad():
             ref, out = looped(x, w, idx), grouped(x, w, idx)
-        if dtype == torch.bfloat16:
-            assert torch.equal(ref, out), tokens
-        else:   # fp32 matmul kernels round by layout and row count
-            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        # grouped_mm and mm are different kernels, and which one a CPU runs (and how it blocks the
+        # reduction) depends on its ISA: compare within the dtype's rounding, not bit for bit
+        tol = dict(rtol=1.6e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, ref, **tol, msg=f"{tokens} tokens")
 
 
 def test_grouped_experts_train_through_the_loop():

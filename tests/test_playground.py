@@ -74,7 +74,7 @@ def test_playground_streams_and_animates(tmp_path, browser):
         frames = browser.execute_script("return window.__frames")
         assert len(set(frames)) >= 2, frames
         positions = browser.find_elements(By.CSS_SELECTOR, "#canvas .pos")
-        assert len(positions) == 16 and all(p.get_attribute("style") for p in positions)   # shaded by confidence
+        assert len(positions) == 16 and all(p.get_attribute("style") for p in positions)   # shaded by max probability
         answer = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text
         committed = browser.find_element(By.ID, "committed").text
         assert answer and answer == committed

@@ -157,7 +157,7 @@ def test_knobs_reach_the_sampler(client, offline):
 
 def test_frames_only_when_asked(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "f"}], max_tokens=32, seed=4, stream=True,
-              extra_body={"max_denoising_steps": 6, "fixed_steps": True})
+              extra_body={"max_denoising_steps": 6, "fixed_steps": True, "ignore_eos": True})
     assert not any("blockdiff_frame" in (c.model_extra or {}) for c in client.chat.completions.create(**kw))
     kw["extra_body"]["blockdiff_frames"] = {"max_fps": 240}
     chunks = list(client.chat.completions.create(**kw))
@@ -167,8 +167,8 @@ def test_frames_only_when_asked(client):
         if "blockdiff_frame" in c.model_extra:        # a harmless no-op chunk for the client
             assert c.choices[0].delta.content is None and c.choices[0].finish_reason is None
     f = frames[0]
-    assert len(f["tokens"]) == len(f["token_ids"]) == len(f["accepted"]) == len(f["confidence"]) == 16
-    assert 1 <= f["step"] <= f["max_steps"] == 6 and all(0 <= p <= 1 for p in f["confidence"])
+    assert len(f["tokens"]) == len(f["token_ids"]) == len(f["accepted"]) == len(f["max_prob"]) == 16
+    assert 1 <= f["step"] <= f["max_steps"] == 6 and all(0 <= p <= 1 for p in f["max_prob"])
     assert chunks[-1].choices[0].finish_reason == "length"
 
 

@@ -22,15 +22,15 @@ from .acceptance import entropy_bound_accept
 @dataclass
 class RowKnobs:
     """Per-row settings as device tensors, all (R,)."""
-    num_steps: torch.Tensor       # int64 N
+    max_denoising_steps: torch.Tensor   # int64 N
     t_min: torch.Tensor           # fp32
     t_span: torch.Tensor          # fp32 (t_max - t_min, computed in double then rounded)
     temp_scale: torch.Tensor      # fp32 multiplier (1.0 for temperature 0 or 1)
     greedy: torch.Tensor          # bool
-    bound: torch.Tensor           # fp32 entropy bound
-    confidence: torch.Tensor      # fp32 threshold
-    stability: torch.Tensor       # int64 S
-    fixed: torch.Tensor           # bool: never stop early
+    entropy_bound: torch.Tensor   # fp32
+    confidence_threshold: torch.Tensor   # fp32: mean entropy below which a canvas may stop
+    stability_threshold: torch.Tensor    # int64 S
+    fixed_steps: torch.Tensor     # bool: never stop early
     top_k: torch.Tensor           # int64, 0 = off
     top_p: torch.Tensor           # fp32, 1 = off
     seed: torch.Tensor            # int64
@@ -41,7 +41,7 @@ class StepOut:
     argmax: torch.Tensor          # (R, C) committed candidate
     next_canvas: torch.Tensor     # (R, C) input of the next step
     accept: torch.Tensor          # (R, C) bool
-    confidence: torch.Tensor      # (R, C) fp32 max probability per position
+    max_prob: torch.Tensor        # (R, C) fp32 max probability per position
     soft: torch.Tensor            # (R, C, H) next self-conditioning soft embedding
     stop: torch.Tensor            # (R,) bool: stable and confident (fixed rows: never)
 
@@ -77,7 +77,7 @@ def softcap_table(cap: float, dtype: torch.dtype, device: str) -> torch.Tensor:
 
 
 def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: torch.Tensor | None = None):
-    """Raw LM-head output (r, C, V) -> tempered fp32 logits, probs, argmax, max prob, entropy.
+    """Raw LM-head output (r, C, V) -> tempered fp32 logits, probs, argmax, max_prob, entropy.
     Softcap (from `table` when given: `softcap_table` of the logits' dtype) then divide by the
     temperature, exactly as the reference. Entropy is `logsumexp - sum(p * logits)`, from the
     softmax already computed (equal to the reference's Categorical entropy up to float rounding)
@@ -91,9 +91,9 @@ def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: to
     proc = proc / temp[:, None, None]
     probs = torch.softmax(proc, dim=-1)
     top, argmax = proc.max(dim=-1)
-    confidence = probs.amax(-1)                                    # = 1 / sum(exp(proc - top))
-    ent = top - confidence.log() - (probs * proc).sum(-1)          # logsumexp - E_p[proc]
-    return proc, probs, argmax, confidence, ent
+    max_prob = probs.amax(-1)                                      # = 1 / sum(exp(proc - top))
+    ent = top - max_prob.log() - (probs * proc).sum(-1)          # logsumexp - E_p[proc]
+    return proc, probs, argmax, max_prob, ent
 
 
 def eager_sampler_core(model):
@@ -115,20 +115,20 @@ def compiled_sampler_core():
 
 def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
                  core=sampler_core):
-    """hidden (r, C, H) -> (argmax, sampled, accept, confidence, soft, entropy) for a tile of rows.
+    """hidden (r, C, H) -> (argmax, sampled, accept, max_prob, soft, entropy) for a tile of rows.
     `core`: `sampler_core`, `eager_sampler_core(model)` or `compiled_sampler_core()`."""
-    cur = (knobs.num_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
-    temp = knobs.t_min + knobs.t_span * (cur / knobs.num_steps.to(torch.int32))
+    cur = (knobs.max_denoising_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
+    temp = knobs.t_min + knobs.t_span * (cur / knobs.max_denoising_steps.to(torch.int32))
     w = model.embed_tokens.weight
-    proc, probs, argmax, confidence, ent = core(torch.nn.functional.linear(hidden, w), temp * knobs.temp_scale,
+    proc, probs, argmax, max_prob, ent = core(torch.nn.functional.linear(hidden, w), temp * knobs.temp_scale,
                                                 model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
         if (use_k or use_p) else probs
     u = hash_uniform(knobs.seed, canvas_idx, step_idx, hidden.shape[1])
     sampled = torch.where(knobs.greedy[:, None], argmax, inverse_cdf_sample(sample_probs, u))
-    accept = entropy_bound_accept(ent, knobs.bound[:, None])
+    accept = entropy_bound_accept(ent, knobs.entropy_bound[:, None])
     soft = torch.matmul(probs.to(w.dtype), w) * model.embed_scale(w.dtype).to(w.device)
-    return argmax, sampled, accept, confidence, soft, ent
+    return argmax, sampled, accept, max_prob, soft, ent
 
 
 def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,
@@ -147,10 +147,10 @@ def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, 
     next_canvas = torch.where(accept, sampled, noise)
     # stable: argmax equal to each of the last S_r stored canvases (S_r = 0: always stable)
     s_max = history.shape[1]
-    considered = torch.arange(s_max, device=hidden.device)[None, :] >= (s_max - knobs.stability)[:, None]
+    considered = torch.arange(s_max, device=hidden.device)[None, :] >= (s_max - knobs.stability_threshold)[:, None]
     same = (history == argmax[:, None, :]).all(-1) | ~considered                 # (R, S_max)
     stable = same.all(-1)
-    confident = ent.mean(-1) < knobs.confidence
+    confident = ent.mean(-1) < knobs.confidence_threshold
     history = torch.cat((history[:, 1:], argmax[:, None, :]), dim=1) if s_max else history
-    stop = stable & confident & ~knobs.fixed
+    stop = stable & confident & ~knobs.fixed_steps
     return StepOut(argmax, next_canvas, accept, conf, soft, stop), history

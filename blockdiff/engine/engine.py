@@ -173,10 +173,10 @@ class LLM:
             return []
         last = self.runner.last
         tokens, accepted = last.argmax[rows].tolist(), last.accept[rows].tolist()
-        confidence = last.confidence[rows].float().tolist()
+        max_prob = last.max_prob[rows].float().tolist()
         return [CanvasFrame(running[i].request_id, running[i].canvases, running[i].steps_in_canvas,
                             running[i].params.max_denoising_steps, t, a, c)
-                for i, t, a, c in zip(rows, tokens, accepted, confidence)]
+                for i, t, a, c in zip(rows, tokens, accepted, max_prob)]
 
     def _on_canvas(self, req: Request, ids: list[int], tokens: torch.Tensor, to_commit: list) -> RequestOutput:
         state = self.states[req.request_id]

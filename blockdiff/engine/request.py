@@ -62,7 +62,7 @@ class CanvasFrame:
     max_steps: int
     tokens: list[int]           # current argmax per position
     accepted: list[bool]        # accepted by the entropy bound at this step
-    confidence: list[float]     # max probability per position
+    max_prob: list[float]       # max probability per position
 
 
 class Status(Enum):

@@ -17,17 +17,17 @@ from ..diffusion.noise import INIT, hash_tokens
 from ..model.slot_cache import SlotCache, SlotDecodeContext, SlotEncodeContext
 from .request import SamplingParams
 
-KNOB_DTYPES = {"num_steps": torch.int64, "t_min": torch.float32, "t_span": torch.float32,
-               "temp_scale": torch.float32, "greedy": torch.bool, "bound": torch.float32,
-               "confidence": torch.float32, "stability": torch.int64, "fixed": torch.bool,
+KNOB_DTYPES = {"max_denoising_steps": torch.int64, "t_min": torch.float32, "t_span": torch.float32,
+               "temp_scale": torch.float32, "greedy": torch.bool, "entropy_bound": torch.float32,
+               "confidence_threshold": torch.float32, "stability_threshold": torch.int64, "fixed_steps": torch.bool,
                "top_k": torch.int64, "top_p": torch.float32, "seed": torch.int64}
 
 
 def knob_values(p: SamplingParams, seed: int) -> dict:
-    return {"num_steps": p.max_denoising_steps, "t_min": p.t_min, "t_span": p.t_max - p.t_min,
+    return {"max_denoising_steps": p.max_denoising_steps, "t_min": p.t_min, "t_span": p.t_max - p.t_min,
             "temp_scale": 1.0 if p.temperature in (0, 1) else p.temperature, "greedy": p.temperature == 0,
-            "bound": p.entropy_bound, "confidence": p.confidence_threshold, "stability": p.stability_threshold,
-            "fixed": p.fixed_steps, "top_k": p.top_k, "top_p": p.top_p, "seed": seed}
+            "entropy_bound": p.entropy_bound, "confidence_threshold": p.confidence_threshold,
+            "stability_threshold": p.stability_threshold, "fixed_steps": p.fixed_steps, "top_k": p.top_k, "top_p": p.top_p, "seed": seed}
 
 
 class ModelRunner:
@@ -100,7 +100,7 @@ class ModelRunner:
                                     self.history[idx], self.budget, use_k, use_p, self.sampler_core)
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
         self.step_idx[idx] += 1
-        done = out.stop | (self.step_idx[idx] >= knobs.num_steps)
+        done = out.stop | (self.step_idx[idx] >= knobs.max_denoising_steps)
         self.last = out
         return done.tolist()
 

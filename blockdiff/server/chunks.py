@@ -5,7 +5,7 @@ Plain dict builders, no I/O. Namespaced extras, which the openai clients keep as
   latency_s, tokens_per_second (end to end) and in_step_tokens_per_second (completion tokens over
   the time spent in the engine steps this request took part in; for n > 1 the longest choice's).
 - `blockdiff_frame` on a denoising-frame chunk: {index, canvas, step, max_steps, token_ids,
-  tokens, accepted, confidence}. Its one choice has an empty delta (chat) or empty text
+  tokens, accepted, max_prob}. Its one choice has an empty delta (chat) or empty text
   (completions) and no finish_reason, so a client that does not know frames sees a no-op chunk.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Formatter:
     def frame(self, frame: CanvasFrame, index: int) -> dict:
         payload = {"index": index, "canvas": frame.canvas, "step": frame.step, "max_steps": frame.max_steps,
                    "token_ids": frame.tokens, "tokens": [self.tokenizer.decode([t]) for t in frame.tokens],
-                   "accepted": frame.accepted, "confidence": [round(c, 4) for c in frame.confidence]}
+                   "accepted": frame.accepted, "max_prob": [round(c, 4) for c in frame.max_prob]}
         return self.chunk([self.delta(index, "")], blockdiff_frame=payload)
 
     def usage_chunk(self, totals: Totals) -> dict:

@@ -52,12 +52,12 @@ function renderFrame(f) {
   while (canvas.children.length > f.tokens.length) canvas.lastChild.remove();
   f.tokens.forEach((tok, i) => {
     const span = canvas.children[i];
-    const c = Math.max(0, Math.min(1, f.confidence[i]));
+    const c = Math.max(0, Math.min(1, f.max_prob[i]));
     span.textContent = visible(tok);
     span.style.backgroundColor = `hsl(215, 85%, ${Math.round(96 - 50 * c)}%)`;
     span.style.color = c > 0.6 ? "#fff" : "#1d2330";
     span.classList.toggle("accepted", !!f.accepted[i]);
-    span.title = `id ${f.token_ids[i]} · confidence ${c.toFixed(3)}${f.accepted[i] ? " · accepted" : ""}`;
+    span.title = `id ${f.token_ids[i]} · max prob ${c.toFixed(3)}${f.accepted[i] ? " · accepted" : ""}`;
   });
   canvas.dataset.canvas = f.canvas;
   canvas.dataset.step = f.step;

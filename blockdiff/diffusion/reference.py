@@ -20,6 +20,8 @@ from .noise import TorchNoise
 from .acceptance import entropy, entropy_bound_accept, step_temperature
 from .stopping import StableAndConfident
 
+_D = DiffusionParams()     # the built-in defaults
+
 
 @dataclass
 class ReferenceOutput:
@@ -36,10 +38,13 @@ def _eos_list(eos_token_id) -> list[int] | None:
 
 @torch.no_grad()
 def reference_generate(model: DiffusionGemma, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                       max_new_tokens: int = 256, max_denoising_steps: int = 48, t_min: float = 0.4, t_max: float = 0.8,
-                       entropy_bound: float = 0.1, confidence_threshold: float = 0.005, stability_threshold: int = 1,
+                       max_new_tokens: int = 256, max_denoising_steps: int = _D.max_denoising_steps,
+                       t_min: float = _D.t_min, t_max: float = _D.t_max, entropy_bound: float = _D.entropy_bound,
+                       confidence_threshold: float = _D.confidence_threshold,
+                       stability_threshold: int = _D.stability_threshold,
                        eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                       temperature: float = 1.0, fixed_steps: bool = False, generator: torch.Generator | None = None,
+                       temperature: float = _D.temperature, fixed_steps: bool = _D.fixed_steps,
+                       generator: torch.Generator | None = None,
                        noise=None, logits_processor: Callable | None = None, on_step: Callable | None = None,
                        return_output: bool = False):
     """Generate `ceil(max_new_tokens / C)` whole canvases after `input_ids` (B, L).
@@ -49,8 +54,9 @@ def reference_generate(model: DiffusionGemma, input_ids: torch.Tensor, attention
     engine's parity tests pass a `HashNoise`). `logits_processor(logits, step) -> logits` runs on the raw logits before the temperature (tests
     use it to force tokens). `on_step(canvas_index, step, argmax_canvas, accept_mask)` observes steps.
     """
-    params = DiffusionParams(max_denoising_steps, t_min, t_max, entropy_bound, confidence_threshold,
-                             stability_threshold, temperature, fixed_steps)
+    params = DiffusionParams(max_denoising_steps=max_denoising_steps, t_min=t_min, t_max=t_max,
+                             entropy_bound=entropy_bound, confidence_threshold=confidence_threshold,
+                             stability_threshold=stability_threshold, temperature=temperature, fixed_steps=fixed_steps)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     batch, vocab, c = input_ids.shape[0], model.config.vocab_size, model.config.canvas_length

@@ -11,46 +11,34 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ..diffusion.params import DiffusionParams
+from ..diffusion.params import DiffusionParams, check_bool, check_int, check_number
 
 
 @dataclass(frozen=True)
-class SamplingParams:
+class SamplingParams(DiffusionParams):
+    """Per-request settings: the diffusion knobs of `DiffusionParams` (max_denoising_steps, t_min,
+    t_max, entropy_bound, confidence_threshold, stability_threshold, temperature, fixed_steps) and
+    the usual ones below."""
     max_tokens: int = 256
-    temperature: float = 1.0          # scales the t_min..t_max schedule; 0 = greedy
     top_k: int = 0                    # 0 = off
     top_p: float = 1.0                # 1.0 = off
     stop: tuple[str, ...] = ()
     seed: int | None = None           # None: drawn by the engine
     ignore_eos: bool = False
-    max_denoising_steps: int = 48
-    fixed_steps: bool = False
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    confidence_threshold: float = 0.005
-    stability_threshold: int = 1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         if not all(isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a string or a list of strings")
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        self.diffusion()     # validates the diffusion knobs
-
-    def diffusion(self) -> DiffusionParams:
-        return DiffusionParams(self.max_denoising_steps, self.t_min, self.t_max, self.entropy_bound,
-                               self.confidence_threshold, self.stability_threshold, self.temperature,
-                               self.fixed_steps)
+        check_int(self.max_tokens, "max_tokens", 1)
+        check_int(self.top_k, "top_k", 0)
+        check_number(self.top_p, "top_p", 0.0, inclusive=False, maximum=1.0)
+        if self.seed is not None:
+            check_int(self.seed, "seed", 0)
+        check_bool(self.ignore_eos, "ignore_eos")
 
 
 @dataclass

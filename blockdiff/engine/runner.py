@@ -14,6 +14,7 @@ import torch
 
 from ..diffusion.sampler import RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core
 from ..diffusion.noise import INIT, hash_tokens
+from ..diffusion.params import MAX_STABILITY
 from ..model.slot_cache import SlotCache, SlotDecodeContext, SlotEncodeContext
 from .request import SamplingParams
 
@@ -31,7 +32,7 @@ def knob_values(p: SamplingParams, seed: int) -> dict:
 
 
 class ModelRunner:
-    def __init__(self, model, num_slots: int, max_len: int, sampler_budget_mb: float = 256, max_stability: int = 4,
+    def __init__(self, model, num_slots: int, max_len: int, sampler_budget_mb: float = 256,
                  compile_sampler: bool = False):
         cfg, dev = model.config, model.device
         self.model, self.c, self.device = model, cfg.canvas_length, dev
@@ -39,7 +40,7 @@ class ModelRunner:
         self.budget = int(sampler_budget_mb * 2**20)
         self.canvas = torch.zeros(num_slots, self.c, dtype=torch.long, device=dev)
         self.soft = torch.zeros(num_slots, self.c, cfg.hidden_size, dtype=model.dtype, device=dev)
-        self.history = torch.full((num_slots, max_stability, self.c), -1, dtype=torch.long, device=dev)
+        self.history = torch.full((num_slots, MAX_STABILITY, self.c), -1, dtype=torch.long, device=dev)
         self.step_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.canvas_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.knobs = {k: torch.zeros(num_slots, dtype=d, device=dev) for k, d in KNOB_DTYPES.items()}
@@ -48,8 +49,6 @@ class ModelRunner:
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:
-        if params.stability_threshold > self.history.shape[1]:
-            raise ValueError(f"stability_threshold must be <= {self.history.shape[1]}")
         for k, v in knob_values(params, seed).items():
             self.knobs[k][slot] = v
         self.canvas_idx[slot] = -1

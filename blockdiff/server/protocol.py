@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..diffusion.params import FLOAT32_MAX, INT64_MAX, MAX_DENOISING_STEPS, MAX_STABILITY
+
 MAX_N = 16                  # choices per request
 MAX_STOP = 4                # stop strings, as OpenAI
-MAX_DENOISING_STEPS = 512   # per canvas; bounds the work one request can ask for
 MAX_SEED = 2**62            # seeds are int64 in the sampler; choice i uses seed + i
 
 # field -> neutral values that change nothing and are therefore accepted
@@ -71,15 +72,16 @@ class _Common(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None                      # opaque end-user id, as OpenAI: recorded nowhere
     # diffusion knobs: the names and meaning of SamplingParams
-    top_k: int | None = Field(None, ge=0)
+    # (bounds: what the engine runs, and the int64 / float32 tensors the values land in)
+    top_k: int | None = Field(None, ge=0, le=INT64_MAX)
     ignore_eos: bool | None = None
     max_denoising_steps: int | None = Field(None, ge=1, le=MAX_DENOISING_STEPS)
     fixed_steps: bool | None = None
-    entropy_bound: float | None = Field(None, gt=0)
-    t_min: float | None = Field(None, ge=0)
-    t_max: float | None = Field(None, ge=0)
-    confidence_threshold: float | None = Field(None, gt=0)
-    stability_threshold: int | None = Field(None, ge=0, le=MAX_DENOISING_STEPS)
+    entropy_bound: float | None = Field(None, gt=0, le=FLOAT32_MAX)
+    t_min: float | None = Field(None, ge=0, le=FLOAT32_MAX)
+    t_max: float | None = Field(None, ge=0, le=FLOAT32_MAX)
+    confidence_threshold: float | None = Field(None, gt=0, le=FLOAT32_MAX)
+    stability_threshold: int | None = Field(None, ge=0, le=MAX_STABILITY)
     blockdiff_frames: FrameOptions | None = None
 
     def stop_list(self) -> tuple[str, ...]:

@@ -77,7 +77,7 @@ def test_eos_and_stop_strings(demo_path):
     llm = LLM(demo_path)
     sp = SamplingParams(max_tokens=48, seed=8, max_denoising_steps=3, ignore_eos=True)
     full = llm.generate(["Hello"], sp)[0]
-    llm.eos_ids = {full.token_ids[20]}                     # pretend this token is EOS
+    llm.output.eos_ids = {full.token_ids[20]}                 # pretend this token is EOS
     cut = llm.generate(["Hello"], SamplingParams(max_tokens=48, seed=8, max_denoising_steps=3))[0]
     first = full.token_ids.index(full.token_ids[20])
     assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[:first]

@@ -5,9 +5,9 @@ import sys
 import pytest
 
 import blockdiff
-from blockdiff.engine.output import TextState
+from blockdiff.engine.output import OutputProcessor
+from blockdiff.engine.request import Request
 from blockdiff.random_model import create_random_model
-
 
 
 @pytest.fixture(scope="module")
@@ -16,32 +16,39 @@ def demo(tmp_path_factory):
     return path, blockdiff.LLM(path, dtype="float32")
 
 
-def text_state(max_tokens=10, stop=()):
-    return TextState(lambda ids: "".join(chr(96 + i) for i in ids), {1}, max_tokens, stop)
+def letters(ids):
+    return "".join(chr(96 + i) for i in ids)
 
 
-def test_text_state_eos_and_length():
-    st = text_state()
-    st.add([5, 6, 1, 7])
-    assert (st.ids, st.finish_reason, st.text) == ([5, 6], "stop", "ef")
-    st = text_state(max_tokens=3)
-    st.add([5, 6, 7, 1])                        # EOS beyond the limit does not count
-    assert (st.ids, st.finish_reason) == ([5, 6, 7], "length")
+def feed(max_tokens=10, stop=(), decode=letters, eos=(1,)):
+    """An output processor and a request; returns `add(canvas) -> delta` and the request."""
+    proc = OutputProcessor(decode, set(eos))
+    req = Request("r", [2], blockdiff.SamplingParams(max_tokens=max_tokens, stop=stop), seed=0)
+    return (lambda canvas: proc.on_canvas(req, canvas).delta_text), req
 
 
-def test_text_state_stop_string_across_canvases_never_leaks():
-    st = text_state(max_tokens=50, stop=("xyz",))
-    deltas = [st.add([1 + 2, 4]), st.add([24, 25]), st.add([26, 5])]   # "cd" "xy" "ze"
-    assert st.finish_reason == "stop" and st.text == "cd"
+def test_output_eos_and_length():
+    add, req = feed()
+    add([5, 6, 1, 7])
+    assert (req.output_ids, req.finish_reason, req.text) == ([5, 6], "stop", "ef")
+    add, req = feed(max_tokens=3)
+    add([5, 6, 7, 1])                           # EOS beyond the limit does not count
+    assert (req.output_ids, req.finish_reason) == ([5, 6, 7], "length")
+
+
+def test_output_stop_string_across_canvases_never_leaks():
+    add, req = feed(max_tokens=50, stop=("xyz",))
+    deltas = [add([1 + 2, 4]), add([24, 25]), add([26, 5])]   # "cd" "xy" "ze"
+    assert req.finish_reason == "stop" and req.text == "cd"
     assert "".join(deltas) == "cd" and all("x" not in d for d in deltas)
-    assert st.ids == [3, 4]
+    assert req.output_ids == [3, 4]
 
 
-def test_text_state_holds_back_partial_utf8():
+def test_output_holds_back_partial_utf8():
     data = "é".encode()
-    st = TextState(lambda ids: bytes(ids).decode("utf-8", errors="replace"), set(), 10)
-    assert st.add([data[0]]) == ""              # half a character: nothing to stream yet
-    assert st.add([data[1]]) == "é"
+    add, _ = feed(decode=lambda ids: bytes(ids).decode("utf-8", errors="replace"), eos=())
+    assert add([data[0]]) == ""                 # half a character: nothing to stream yet
+    assert add([data[1]]) == "é"
 
 
 def sp(**kw):

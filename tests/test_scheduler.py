@@ -3,7 +3,7 @@ import pytest
 
 from blockdiff.engine.slot_allocator import SlotAllocator, common_prefix
 from blockdiff.engine.request import Request, SamplingParams, Status
-from blockdiff.engine.scheduler import Scheduler
+from blockdiff.engine.scheduler import Scheduler, StepResult
 
 
 def req(rid, n=4, max_tokens=16):
@@ -14,12 +14,12 @@ def test_fifo_admission_bounded_by_slots():
     s = Scheduler(num_slots=2, max_model_len=128, canvas_length=8)
     for i in range(3):
         s.add(req(f"r{i}"))
-    admitted = s.admit()
+    admitted = s.schedule().prefills
     assert [r.request_id for r, _ in admitted] == ["r0", "r1"]
     assert {r.slot for r, _ in admitted} == {0, 1} and all(r.status is Status.RUNNING for r, _ in admitted)
-    assert s.admit() == [] and len(s.waiting) == 1
+    assert s.schedule().prefills == [] and len(s.waiting) == 1
     s.retire(admitted[0][0])
-    nxt = s.admit()
+    nxt = s.schedule().prefills
     assert [r.request_id for r, _ in nxt] == ["r2"] and nxt[0][0].slot == admitted[0][0].slot
 
 
@@ -36,11 +36,30 @@ def test_retire_waiting_request():
     s = Scheduler(num_slots=1, max_model_len=64, canvas_length=8)
     a, b = req("a"), req("b")
     s.add(a), s.add(b)
-    s.admit()
+    s.schedule()
     s.retire(b)                                          # aborted while waiting
     assert not s.waiting and s.has_work()
     s.retire(a)
     assert not s.has_work() and s.kv.num_free == 1
+
+
+def test_step_cycle_counts_commits_and_fails_alone():
+    """schedule -> (runner) -> update_from_output: counters, deferred commits, a failed request retired."""
+    s = Scheduler(num_slots=2, max_model_len=64, canvas_length=4)
+    a, b = req("a", n=3), req("b", n=3)
+    s.add(a), s.add(b)
+    batch = s.schedule()
+    assert [r.request_id for r in batch.running] == ["a", "b"] and s.kv.tokens[a.slot] == a.prompt_ids
+    done = s.update_from_output(batch, StepResult(finished={"a": [7, 7, 7, 7]}, failed={"b": "boom"}))
+    assert [(r.request_id, t) for r, t in done] == [("a", [7, 7, 7, 7])]
+    assert (a.canvases, a.steps_per_canvas, a.steps_in_canvas) == (1, [1], 0)
+    assert b.finished and b.finish_reason == "error" and b.error == "boom" and s.kv.tokens[b.slot] == []
+    s.queue_commit(a, [7, 7, 7, 7])
+    batch = s.schedule()
+    assert [(c.request.request_id, c.start, c.tokens) for c in batch.commits] == [("a", 3, [7, 7, 7, 7])]
+    assert a.context_len == 7 and s.kv.tokens[a.slot] == a.prompt_ids + [7, 7, 7, 7]
+    s.update_from_output(batch, StepResult())
+    assert a.steps_in_canvas == 1 and s.schedule().commits == []
 
 
 def test_allocator_reuses_free_slot_prefix():

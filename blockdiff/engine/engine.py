@@ -4,15 +4,17 @@
     outs = llm.generate(["Once upon a time"], SamplingParams(max_tokens=64, seed=0))
     for out in llm.stream("Hello", SamplingParams(max_tokens=64)): print(out.delta_text, end="")
 
-Requests are batched continuously: `step()` admits waiting requests, runs one denoising step for
-every running canvas, commits finished canvases and retires finished requests. A request's output
-depends only on its prompt, parameters and seed, never on what else is in the batch.
+Requests are batched continuously. `step()` is three calls: the scheduler's `schedule()` (admit,
+commit finished canvases, one denoising step for every running canvas), the runner's
+`execute(batch)` (the tensors) and `_update_from_output()` (the scheduler's counters, then the
+output processor's text, stop strings and stats). A request's output depends only on its
+prompt, parameters and seed, never on what else is in the batch; a request the runner fails
+finishes alone with `finish_reason="error"` while the others go on.
 """
 from __future__ import annotations
 
 import itertools
 import random
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -23,10 +25,10 @@ from ..hardware import auto_dtype, reuse_freed_memory
 from ..model.transformer import DiffusionGemma
 from ..tokenizer import Tokenizer
 from .compiled import compile_model
-from .output import TextState
-from .request import CanvasFrame, Request, RequestOutput, RequestStats, SamplingParams
+from .output import OutputProcessor
+from .request import CanvasFrame, Request, RequestOutput, SamplingParams
 from .runner import ModelRunner
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler, StepResult
 
 
 class LLM:
@@ -54,14 +56,14 @@ class LLM:
             reuse_freed_memory()
         self.model.use_grouped_experts()
         cfg = self.model.config
-        self.eos_ids = set(cfg.eos_ids) | (set(self.tokenizer.eos_ids) if self.tokenizer else set())
         self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)
         self.compiled = self.model.device.type == "cuda" if compile is None else bool(compile)
         if self.compiled:
             compile_model(self.model)
         self.runner = ModelRunner(self.model, max_num_seqs, max_model_len, sampler_memory_mb,
                                   compile_sampler=self.compiled)
-        self.states: dict[str, TextState] = {}
+        eos_ids = set(cfg.eos_ids) | (set(self.tokenizer.eos_ids) if self.tokenizer else set())
+        self.output = OutputProcessor(self._decode, eos_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.frames: list[CanvasFrame] = []     # frames of the last step, for requests that asked
@@ -91,21 +93,14 @@ class LLM:
         req = Request(request_id, ids, params, seed, prompt=text, frames=frames)
         self.scheduler.add(req)
         self.requests[request_id] = req
-        self.states[request_id] = TextState(self._decode, self.eos_ids, params.max_tokens, params.stop,
-                                            params.ignore_eos)
         return request_id
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is not None and not req.finished:
             req.finish_reason = "abort"
-            self._finish(req)
-        self._release(request_id)
-
-    def _release(self, request_id: str) -> None:
-        """Forget a finished request: its final output has been returned."""
+            self.scheduler.retire(req)
         self.requests.pop(request_id, None)
-        self.states.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -131,84 +126,30 @@ class LLM:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Admit, denoise every running canvas once, commit finished canvases. Returns an output for
-        every request that committed a canvas (or finished) in this step; finished requests are then
-        forgotten by the engine."""
-        for req, alloc in self.scheduler.admit():
-            self.runner.assign(req.slot, req.params, req.seed)
-            if alloc.copy_from is not None:
-                self.runner.copy_prefix(alloc.copy_from, req.slot, alloc.reuse)
-            self.runner.prefill(req.slot, req.prompt_ids[alloc.reuse:], alloc.reuse)
-            self.scheduler.kv.extend(req.slot, req.prompt_ids[alloc.reuse:])
-        running = list(self.scheduler.running)
-        if not running:
+        """Schedule, execute, update. Returns an output for every request that finished a canvas (or
+        failed) in this step; finished requests are then forgotten by the engine."""
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            self.frames = []
             return []
-        use_k = any(r.params.top_k > 0 for r in running)
-        use_p = any(r.params.top_p < 1 for r in running)
-        done = self.runner.denoise([r.slot for r in running], [r.context_len for r in running], use_k, use_p)
-        finished_rows = [i for i, d in enumerate(done) if d]
-        for r in running:
-            r.steps_in_canvas += 1
-        self.frames = self._frames(running)
-        if not finished_rows:
-            return []
-        tokens = self.runner.last.argmax[finished_rows].cpu()
-        outputs, to_commit = [], []
-        for k, row in enumerate(finished_rows):
-            outputs.append(self._on_canvas(running[row], tokens[k].tolist(), tokens[k], to_commit))
-        if to_commit:
-            reqs, toks = zip(*to_commit)
-            self.runner.commit([r.slot for r in reqs], [r.context_len for r in reqs], torch.stack(toks))
-            for r, t in to_commit:
-                self.scheduler.kv.extend(r.slot, t.tolist())
-                r.committed_ids.extend(t.tolist())
+        result = self.runner.execute(batch)
+        return self._update_from_output(batch, result)
+
+    def _update_from_output(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
+        self.frames = self.output.frames(batch.running, result.frames)
+        failed = [r for r in batch.running if r.request_id in result.failed]
+        outputs = []
+        for req, tokens in self.scheduler.update_from_output(batch, result):
+            outputs.append(self.output.on_canvas(req, tokens))
+            if req.finish_reason is None:
+                self.scheduler.queue_commit(req, tokens)
+            else:
+                self.scheduler.retire(req)
+        outputs += [self.output.output(r) for r in failed]
         for out in outputs:
             if out.finished:
-                self._release(out.request_id)
+                self.requests.pop(out.request_id, None)
         return outputs
-
-    def _frames(self, running: list[Request]) -> list[CanvasFrame]:
-        rows = [i for i, r in enumerate(running) if r.frames]
-        if not rows:
-            return []
-        last = self.runner.last
-        tokens, accepted = last.argmax[rows].tolist(), last.accept[rows].tolist()
-        max_prob = last.max_prob[rows].float().tolist()
-        return [CanvasFrame(running[i].request_id, running[i].canvases, running[i].steps_in_canvas,
-                            running[i].params.max_denoising_steps, t, a, c)
-                for i, t, a, c in zip(rows, tokens, accepted, max_prob)]
-
-    def _on_canvas(self, req: Request, ids: list[int], tokens: torch.Tensor, to_commit: list) -> RequestOutput:
-        state = self.states[req.request_id]
-        now = time.perf_counter()
-        req.canvases += 1
-        req.steps_per_canvas.append(req.steps_in_canvas)
-        req.steps_in_canvas = 0
-        req.first_token_time = req.first_token_time or now
-        delta_start = len(state.ids)
-        delta = state.add(ids)
-        if state.finish_reason is not None:
-            req.finish_reason = state.finish_reason
-            self._finish(req)
-        else:
-            to_commit.append((req, tokens))
-        return self._output(req, delta, state.ids[delta_start:])
-
-    def _finish(self, req: Request) -> None:
-        req.finish_time = time.perf_counter()
-        self.scheduler.retire(req)
-
-    def _output(self, req: Request, delta: str, delta_ids: list[int]) -> RequestOutput:
-        state = self.states[req.request_id]
-        end = req.finish_time or time.perf_counter()
-        latency = end - req.arrival
-        stats = RequestStats(req.canvases, list(req.steps_per_canvas),
-                             None if req.first_token_time is None else req.first_token_time - req.arrival,
-                             latency if req.finished else None,
-                             len(state.ids) / latency if req.finished and latency > 0 else None)
-        text = state.text if req.finished else state.text[:state.sent]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, text, list(state.ids), req.finished,
-                             req.finish_reason, stats, delta, delta_ids)
 
     # ---- convenience ---------------------------------------------------------------------------------
     def _add_all(self, prompts, sampling_params) -> list[str]:

@@ -1,65 +1,86 @@
-"""Turning committed canvases into user-visible text: EOS, max_tokens, stop strings, streaming deltas.
+"""OutputProcessor: turns finished canvases into what the user sees. Plain Python: no torch.
 
-Plain Python. A `TextState` receives each committed canvas's token ids and answers the new text to
-stream and whether the request is finished. Guarantees: never more than `max_tokens` ids; text ends
-before the first EOS and before the first stop string; a streamed delta never contains a partial
-UTF-8 character (decoded text ending in U+FFFD is held back) nor a prefix of a stop string that the
-next canvas might complete.
+For each finished canvas of a request it applies EOS, `max_tokens` and stop strings, decodes the
+text, decides whether the request is finished, computes the streaming delta and the stats, and
+returns a `RequestOutput`. Its state lives in the `Request` record (output_ids, text, sent,
+finish_reason). Guarantees: never more than `max_tokens` ids; text ends before the first EOS and
+before the first stop string; a streamed delta never contains a partial UTF-8 character (decoded
+text ending in U+FFFD is held back) nor a prefix of a stop string that the next canvas might
+complete. It also turns the runner's per-row frame data into `CanvasFrame`s.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
 from typing import Callable
+
+from .request import CanvasFrame, Request, RequestOutput, RequestStats
 
 REPLACEMENT = "\ufffd"
 
 
-@dataclass
-class TextState:
-    decode: Callable[[list[int]], str]
-    eos_ids: set[int]
-    max_tokens: int
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0                      # characters of `text` already streamed
-    finish_reason: str | None = None
+class OutputProcessor:
+    def __init__(self, decode: Callable[[list[int]], str], eos_ids: set[int]):
+        self.decode, self.eos_ids = decode, eos_ids
 
-    def add(self, canvas_ids: list[int]) -> str:
-        """Consume one committed canvas; return the new text that is safe to stream."""
+    def on_canvas(self, req: Request, canvas_ids: list[int]) -> RequestOutput:
+        """Consume one finished canvas; sets `req.finish_reason` when the request is done."""
+        req.first_token_time = req.first_token_time or time.perf_counter()
+        start = len(req.output_ids)
+        self._append(req, canvas_ids)
+        req.text = self.decode(req.output_ids)
+        self._apply_stop(req)
+        return self.output(req, self._delta(req), req.output_ids[start:])
+
+    def _append(self, req: Request, canvas_ids: list[int]) -> None:
+        p = req.params
         for tok in canvas_ids:
-            if len(self.ids) >= self.max_tokens:
-                self.finish_reason = "length"
-                break
-            if tok in self.eos_ids and not self.ignore_eos:
-                self.finish_reason = "stop"
-                break
-            self.ids.append(tok)
-        if self.finish_reason is None and len(self.ids) >= self.max_tokens:
-            self.finish_reason = "length"
-        self.text = self.decode(self.ids)
-        self._apply_stop()
-        return self._delta()
+            if len(req.output_ids) >= p.max_tokens:
+                req.finish_reason = "length"
+                return
+            if tok in self.eos_ids and not p.ignore_eos:
+                req.finish_reason = "stop"
+                return
+            req.output_ids.append(tok)
+        if len(req.output_ids) >= p.max_tokens:
+            req.finish_reason = "length"
 
-    def _apply_stop(self) -> None:
-        hits = [i for i in (self.text.find(s) for s in self.stop if s) if i >= 0]
+    def _apply_stop(self, req: Request) -> None:
+        hits = [i for i in (req.text.find(s) for s in req.params.stop if s) if i >= 0]
         if not hits:
             return
         cut = min(hits)
-        self.text = self.text[:cut]
-        self.finish_reason = "stop"
+        req.text = req.text[:cut]
+        req.finish_reason = "stop"
         # keep the shortest id prefix whose text covers everything before the stop string
-        n = next(n for n in range(len(self.ids) + 1) if len(self.decode(self.ids[:n])) >= cut)
-        del self.ids[n:]
+        n = next(n for n in range(len(req.output_ids) + 1) if len(self.decode(req.output_ids[:n])) >= cut)
+        del req.output_ids[n:]
 
-    def _delta(self) -> str:
-        end = len(self.text)
-        if self.finish_reason is None:
-            while end > self.sent and self.text[end - 1] == REPLACEMENT:    # incomplete UTF-8 bytes
+    def _delta(self, req: Request) -> str:
+        end = len(req.text)
+        if req.finish_reason is None:
+            while end > req.sent and req.text[end - 1] == REPLACEMENT:    # incomplete UTF-8 bytes
                 end -= 1
-            hold = max((len(s) - 1 for s in self.stop), default=0)         # a stop string may straddle canvases
-            end = max(self.sent, end - hold)
-        delta = self.text[self.sent:end]
-        self.sent = end
+            hold = max((len(s) - 1 for s in req.params.stop), default=0)  # a stop string may straddle canvases
+            end = max(req.sent, end - hold)
+        delta = req.text[req.sent:end]
+        req.sent = end
         return delta
+
+    def output(self, req: Request, delta: str = "", delta_ids: list[int] | None = None) -> RequestOutput:
+        done = req.finished or req.finish_reason is not None
+        end = req.finish_time or time.perf_counter()
+        latency = end - req.arrival
+        stats = RequestStats(req.canvases, list(req.steps_per_canvas),
+                             None if req.first_token_time is None else req.first_token_time - req.arrival,
+                             latency if done else None,
+                             len(req.output_ids) / latency if done and latency > 0 else None)
+        text = req.text if done else req.text[:req.sent]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, text, list(req.output_ids), done,
+                             req.finish_reason, stats, delta, list(delta_ids or []), req.error)
+
+    @staticmethod
+    def frames(running: list[Request], data: dict[str, tuple[list[int], list[bool], list[float]]]) -> list[CanvasFrame]:
+        """`data`: request id -> (tokens, accepted, max_prob) of the step just run, for rows that asked.
+        Called before the scheduler advances the counters: this step is number steps_in_canvas + 1."""
+        return [CanvasFrame(r.request_id, r.canvases, r.steps_in_canvas + 1, r.params.max_denoising_steps,
+                            *data[r.request_id]) for r in running if r.request_id in data]

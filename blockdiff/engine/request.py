@@ -61,6 +61,9 @@ class Status(Enum):
 
 @dataclass
 class Request:
+    """Everything about one request, in one record: its input, where it is in its lifecycle and
+    in its current canvas (the scheduler's counters), its KV slot, and its output so far (the
+    output processor's text state)."""
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -68,18 +71,22 @@ class Request:
     prompt: str | None = None
     frames: bool = False        # emit a CanvasFrame after every denoising step
     status: Status = Status.WAITING
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
     slot: int | None = None
+    # scheduler: position in the canvas loop
     canvases: int = 0
     steps_in_canvas: int = 0
     steps_per_canvas: list[int] = field(default_factory=list)
+    committed_ids: list[int] = field(default_factory=list)    # every canvas token encoded in the slot, uncut
+    pending_commit: list[int] | None = None                   # a finished canvas to encode next step
+    # output processor: what the user sees
+    output_ids: list[int] = field(default_factory=list)      # cut at EOS / max_tokens / stop string
+    text: str = ""
+    sent: int = 0                                             # characters of `text` already streamed
+    finish_reason: str | None = None
+    error: str | None = None                                  # why the engine failed this request
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
-    committed_ids: list[int] = field(default_factory=list)    # every committed canvas token, uncut
-    emitted: int = 0                                          # output chars already streamed
 
     @property
     def context_len(self) -> int:
@@ -108,7 +115,8 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finished: bool
-    finish_reason: str | None             # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None             # "stop" | "length" | "abort" | "error" | None while running
     stats: RequestStats
     delta_text: str = ""                  # new text since the previous output of this request (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None              # with finish_reason "error": what failed

@@ -2,13 +2,19 @@
 
 It owns the slot KV cache and each slot's denoising state (canvas, self-conditioning soft
 embedding, argmax history, step and canvas counters, knobs), all preallocated and written by
-index. Three operations:
+index. `execute(batch)` runs one `ScheduledBatch` and returns a `StepResult`:
 - `prefill(slot, ids, start)`: encode a prompt's uncached tokens into a slot;
-- `denoise(slots, lengths)`: one batched denoising step for many slots; returns which canvases are
-  done (the only host sync of a step);
-- `commit(slots, lengths, tokens)`: encode finished canvases into their slots and start new ones.
+- `commit(slots, lengths, tokens)`: encode finished canvases into their slots and start new ones;
+- `denoise(slots, lengths)`: one batched denoising step for many slots (one host sync a step).
+Fault isolation: if a batched call raises, its rows are run one by one, and only the rows that
+still raise are reported failed; the others' results stand (a row's arithmetic does not depend on
+the batch, see the engine's batch-invariance tests).
 """
 from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
 
 import torch
 
@@ -16,7 +22,10 @@ from ..diffusion.sampler import RowKnobs, StepOut, compiled_sampler_core, denois
 from ..diffusion.noise import INIT, hash_tokens
 from ..diffusion.params import MAX_STABILITY
 from ..model.slot_cache import SlotCache, SlotDecodeContext, SlotEncodeContext
-from .request import SamplingParams
+from .request import Request, SamplingParams
+from .scheduler import ScheduledBatch, StepResult
+
+log = logging.getLogger("blockdiff.engine")
 
 KNOB_DTYPES = {"max_denoising_steps": torch.int64, "t_min": torch.float32, "t_span": torch.float32,
                "temp_scale": torch.float32, "greedy": torch.bool, "entropy_bound": torch.float32,
@@ -29,6 +38,13 @@ def knob_values(p: SamplingParams, seed: int) -> dict:
             "temp_scale": 1.0 if p.temperature in (0, 1) else p.temperature, "greedy": p.temperature == 0,
             "entropy_bound": p.entropy_bound, "confidence_threshold": p.confidence_threshold,
             "stability_threshold": p.stability_threshold, "fixed_steps": p.fixed_steps, "top_k": p.top_k, "top_p": p.top_p, "seed": seed}
+
+
+def _fail(request: Request, result: StepResult) -> None:
+    """Record the exception being handled as this request's failure; its traceback is logged once."""
+    err = sys.exc_info()[1]
+    log.exception("request %s failed in the engine", request.request_id)
+    result.failed[request.request_id] = f"{type(err).__name__}: {err}"
 
 
 class ModelRunner:
@@ -44,7 +60,6 @@ class ModelRunner:
         self.step_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.canvas_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.knobs = {k: torch.zeros(num_slots, dtype=d, device=dev) for k, d in KNOB_DTYPES.items()}
-        self.last: StepOut | None = None
         self.sampler_core = compiled_sampler_core() if compile_sampler else eager_sampler_core(model)
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
@@ -84,10 +99,60 @@ class ModelRunner:
         """The knobs of slots `idx` (R,) as (R,) device tensors."""
         return RowKnobs(**{k: v[idx] for k, v in self.knobs.items()})
 
+    # ---- one scheduled batch ----------------------------------------------------------------------
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        result = StepResult()
+        for request, alloc in batch.prefills:
+            self._isolated([request], result, lambda rows, r=request, a=alloc: self._prefill_request(r, a))
+        commits = [c for c in batch.commits if c.request.request_id not in result.failed]
+        self._isolated([c.request for c in commits], result, lambda rows: self.commit(
+            [commits[i].request.slot for i in rows], [commits[i].start for i in rows], [commits[i].tokens for i in rows]))
+        running = [r for r in batch.running if r.request_id not in result.failed]
+        self._isolated(running, result, lambda rows: self._denoise_into([running[i] for i in rows], result))
+        return result
+
+    @staticmethod
+    def _isolated(requests: list[Request], result: StepResult, run: Callable[[list[int]], None]) -> None:
+        """`run(rows)` for all rows at once; if it raises, for each row alone, and only the rows
+        that still raise are failed."""
+        if not requests:
+            return
+        try:
+            return run(list(range(len(requests))))
+        except Exception:                              # noqa: BLE001 - any fault belongs to some request
+            if len(requests) == 1:
+                return _fail(requests[0], result)
+        for i, r in enumerate(requests):
+            try:
+                run([i])
+            except Exception:                          # noqa: BLE001
+                _fail(r, result)
+
+    def _prefill_request(self, request: Request, alloc) -> None:
+        self.assign(request.slot, request.params, request.seed)
+        if alloc.copy_from is not None:
+            self.copy_prefix(alloc.copy_from, request.slot, alloc.reuse)
+        self.prefill(request.slot, request.prompt_ids[alloc.reuse:], alloc.reuse)
+
+    def _denoise_into(self, requests: list[Request], result: StepResult) -> None:
+        use_k = any(r.params.top_k > 0 for r in requests)
+        use_p = any(r.params.top_p < 1 for r in requests)
+        out, done = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p)
+        rows = [i for i, d in enumerate(done) if d]
+        if rows:
+            for i, tokens in zip(rows, out.argmax[rows].tolist()):
+                result.finished[requests[i].request_id] = tokens
+        framed = [i for i, r in enumerate(requests) if r.frames]
+        if framed:
+            data = zip(out.argmax[framed].tolist(), out.accept[framed].tolist(), out.max_prob[framed].float().tolist())
+            for i, d in zip(framed, data):
+                result.frames[requests[i].request_id] = d
+
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False) -> list[bool]:
-        """One denoising step for `slots` whose contexts have `lengths`; returns 'canvas done' per row."""
+    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False) -> tuple[StepOut, list[bool]]:
+        """One denoising step for `slots` whose contexts have `lengths`; returns the step's outputs
+        and 'canvas done' per row."""
         idx = torch.tensor(slots, device=self.device)
         lens = torch.tensor(lengths, device=self.device)
         positions = lens[:, None] + torch.arange(self.c, device=self.device)
@@ -100,13 +165,12 @@ class ModelRunner:
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
         self.step_idx[idx] += 1
         done = out.stop | (self.step_idx[idx] >= knobs.max_denoising_steps)
-        self.last = out
-        return done.tolist()
+        return out, done.tolist()
 
     @torch.no_grad()
-    def commit(self, slots: list[int], lengths: list[int], tokens: torch.Tensor) -> None:
+    def commit(self, slots: list[int], lengths: list[int], tokens: list[list[int]]) -> None:
         """Encode each row's committed canvas (R, C) at its context end and start its next canvas."""
         idx = torch.tensor(slots, device=self.device)
         starts = torch.tensor(lengths, device=self.device)
-        self._encode(tokens.to(self.device), idx, starts, max(lengths) + self.c)
+        self._encode(torch.tensor(tokens, device=self.device), idx, starts, max(lengths) + self.c)
         self._new_canvas(idx)

@@ -62,5 +62,8 @@ class SlotAllocator:
         """Record that the K/V of `ids` were written right after the slot's current tokens."""
         self.tokens[slot].extend(ids)
 
-    def free(self, slot: int) -> None:
+    def free(self, slot: int, keep_prefix: bool = True) -> None:
+        """Release a slot; its tokens stay reusable as a prefix unless `keep_prefix` is False."""
         self.busy[slot] = False
+        if not keep_prefix:
+            self.tokens[slot] = []

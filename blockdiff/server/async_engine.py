@@ -11,7 +11,9 @@ Contract:
 - `RequestGroup.close()` (always called by the HTTP layer, also on disconnect or timeout) aborts
   whatever is unfinished, so the engine stops working on it and its slot is freed, and releases
   the capacity. (The LLM forgets finished requests itself.)
-- If a step raises, every in-flight request fails with the error and the thread keeps serving.
+- A request the engine fails (`finish_reason == "error"`) fails its own group alone; the other
+  choices of that group are aborted, every other group goes on. Only if a whole step raises (a
+  bookkeeping fault, not one request's) does every in-flight request fail; the thread keeps serving.
 """
 from __future__ import annotations
 
@@ -84,7 +86,7 @@ class RequestGroup:
             return
         self.closed = True
         unfinished = [rid for rid, i in self.ids.items() if i not in self.finished]
-        if unfinished and self.error is None:
+        if unfinished:
             self.engine.inbox.put(("abort", unfinished))
         self.engine.in_flight -= len(self.ids)
 
@@ -191,18 +193,23 @@ class AsyncEngine:
             group = self.groups.get(f.request_id)
             if group is not None:
                 per_group.setdefault(group, ([], []))[1].append((group.ids[f.request_id], f))
+        failed: dict[RequestGroup, str] = {}
         for out in outputs:
             group = self.groups.get(out.request_id)
             self.metrics.on_output(out)
             if group is None:
                 continue
-            update = Update(group.ids[out.request_id], out, self.busy[out.request_id])
-            per_group.setdefault(group, ([], []))[0].append(update)
+            if out.finish_reason == "error":
+                failed[group] = f"engine error: {out.error}"
+            else:
+                update = Update(group.ids[out.request_id], out, self.busy[out.request_id])
+                per_group.setdefault(group, ([], []))[0].append(update)
             if out.finished:
                 self._forget(out.request_id)
         self.metrics.on_step(len(self.llm.running_ids), self.llm.num_waiting)
-        for group, (updates, frames) in per_group.items():
-            self._notify(group, updates, frames, None)
+        for group in set(per_group) | set(failed):
+            updates, frames = per_group.get(group, ([], []))
+            self._notify(group, updates, frames, failed.get(group))
 
     def _forget(self, rid: str) -> None:
         self.groups.pop(rid, None)

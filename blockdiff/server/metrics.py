@@ -36,7 +36,11 @@ class Metrics:
         self.waiting.set(waiting)
 
     def on_output(self, out: RequestOutput) -> None:
-        """One output = one committed canvas (its tokens may be cut by EOS, stop or max_tokens)."""
+        """One output = one committed canvas (its tokens may be cut by EOS, stop or max_tokens), or a
+        request the engine failed."""
+        if out.finish_reason == "error":
+            self.finished.labels("error").inc()
+            return
         self.tokens.inc(len(out.delta_token_ids))
         self.canvases.inc()
         if out.stats.steps_per_canvas:

@@ -8,7 +8,6 @@ Contract:
   `<bos>`, and only when asked, so a `tokenizer.json` whose post-processor adds BOS cannot double it.
 - `apply_chat_template` renders the config's Jinja template when there is one (needs jinja2),
   else the Gemma-style fallback below. The result is text: encode it to get ids.
-- `IncrementalDecoder` turns a stream of ids into text pieces that never split a UTF-8 character.
 The tokenizer knows nothing about models or sampling.
 """
 from __future__ import annotations
@@ -18,11 +17,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import tokenizers
-
-try:  # tokenizers >= 0.21 ships a native streaming decoder
-    from tokenizers.decoders import DecodeStream
-except ImportError:  # pragma: no cover - depends on the installed tokenizers
-    DecodeStream = None
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -108,7 +102,9 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # through encode_batch, which releases the GIL: a server tokenizing a long prompt in a
+        # worker thread does not stall its event loop
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         # A chat template may already start with the BOS text; special tokens in text are
         # matched as tokens, so prepending another would double it.
         if add_bos and self.bos_id is not None and not (ids and ids[0] == self.bos_id):
@@ -135,11 +131,8 @@ class Tokenizer:
         return render_fallback_chat(messages, add_generation_prompt)
 
     def _render_jinja(self, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-        try:
-            from jinja2.exceptions import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError as e:  # pragma: no cover - jinja2 is a declared dependency
-            raise ImportError("this tokenizer has a Jinja chat_template; install jinja2 to render it") from e
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
@@ -167,48 +160,3 @@ def render_fallback_chat(messages: list[dict], add_generation_prompt: bool = Tru
     if add_generation_prompt:
         parts.append(f"{START_OF_TURN}model\n")
     return "".join(parts)
-
-
-class IncrementalDecoder:
-    """Feed token ids, get back only the newly completed text.
-
-    Text is held back while the ids so far end inside a multi-byte UTF-8 character (the
-    decoder then yields U+FFFD), so a piece never contains half a character. Uses
-    `tokenizers.decoders.DecodeStream` when available; otherwise the same prefix-diff idea
-    in Python: decode a short window of recent ids with and without the new ones and emit
-    the difference once it no longer ends in U+FFFD.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True, use_native: bool | None = None):
-        self._tok = tokenizer
-        self._skip = skip_special
-        native = DecodeStream is not None if use_native is None else use_native
-        self._stream = DecodeStream(skip_special_tokens=skip_special) if native else None
-        self._ids: list[int] = []
-        self._prefix = 0  # start of the context window (ids already emitted before it)
-        self._read = 0  # ids before this index have been emitted as text
-        self.text = ""  # everything emitted so far
-
-    def feed(self, ids: int | Iterable[int]) -> str:
-        ids = [ids] if isinstance(ids, int) else list(ids)
-        out = "".join(self._step(i) for i in ids)
-        self.text += out
-        return out
-
-    def _step(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        if self._stream is not None:
-            return self._stream.step(self._tok.backend, token_id) or ""
-        prefix_text = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        new_text = self._tok.decode(self._ids[self._prefix :], self._skip)
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return ""  # incomplete character (or a skipped special token): wait for more ids
-        self._prefix, self._read = self._read, len(self._ids)
-        return new_text[len(prefix_text) :]
-
-    def flush(self) -> str:
-        """End of stream: return any held-back text (incomplete bytes become U+FFFD)."""
-        full = self._tok.decode(self._ids, self._skip)
-        rest = full[len(self.text) :] if full.startswith(self.text) else ""
-        self.text += rest
-        return rest

@@ -1,4 +1,4 @@
-"""Start the real server (uvicorn in a thread) on a free 127.0.0.1 port, for the server tests."""
+"""Start the real server (uvicorn with blockdiff's HTTP protocol, in a thread) on a free 127.0.0.1 port."""
 from __future__ import annotations
 
 import socket
@@ -11,6 +11,7 @@ import uvicorn
 
 from blockdiff.engine.engine import LLM
 from blockdiff.server.app import ServerConfig, create_app
+from blockdiff.server.http_server import Protocol, Server
 
 MODEL = "tiny"
 KEY = "test-key"
@@ -34,12 +35,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model_dir, max_num_seqs=4, max_queue=8, max_model_len=512, api_key=KEY, **config):
+def running_server(model_dir, max_num_seqs=4, max_queue=8, max_model_len=512, api_key=KEY, header_timeout=10.0,
+                   **config):
     llm = LLM(model_dir, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
     app = create_app(llm, ServerConfig(MODEL, api_key=api_key, max_queue=max_queue, **config))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    protocol = type("Protocol", (Protocol,), {"header_timeout": header_timeout})
+    server = Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=protocol,
+                                   timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

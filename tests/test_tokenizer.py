@@ -9,7 +9,9 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from blockdiff.tokenizer import IncrementalDecoder, Tokenizer, render_fallback_chat
+from blockdiff.engine.output import OutputProcessor
+from blockdiff.engine.request import Request, SamplingParams
+from blockdiff.tokenizer import Tokenizer, render_fallback_chat
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
 ASCII_TEXT = ["the quick brown fox jumps over the lazy dog. " * 4, "hello world, hello there!"] * 20
@@ -114,24 +116,12 @@ def test_chat_template_rejects_malformed_message(tok):
         tok.apply_chat_template([{"content": "no role"}])
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["decode_stream", "prefix_diff"])
-def test_incremental_decoder_never_emits_partial_utf8(tok, native):
+def test_streamed_text_never_splits_a_utf8_character(tok):
+    """The engine's output processor, fed one id per canvas, streams whole characters only."""
     ids = tok.encode(UNICODE_TEXT, add_bos=False)
     assert len(ids) > len(UNICODE_TEXT.encode()) // 2  # multi-byte characters really are split
-    dec = IncrementalDecoder(tok, use_native=native)
-    pieces = [dec.feed(i) for i in ids]
+    proc = OutputProcessor(tok.decode, {tok.eos_id})
+    req = Request("r", [0], SamplingParams(max_tokens=len(ids)), seed=0)
+    pieces = [proc.on_canvas(req, [i]).delta_text for i in ids]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == UNICODE_TEXT
-
-
-@pytest.mark.parametrize("native", [True, False], ids=["decode_stream", "prefix_diff"])
-def test_incremental_decoder_skips_special_tokens(tok, native):
-    dec = IncrementalDecoder(tok, use_native=native)
-    assert dec.feed(tok.encode("hello") + [tok.eos_id]) == "hello"
-
-
-def test_incremental_decoder_flush_returns_held_back_bytes(tok):
-    ids = tok.encode("🎉", add_bos=False)
-    dec = IncrementalDecoder(tok)
-    assert dec.feed(ids[:-1]) == ""
-    assert dec.flush() == "\ufffd"

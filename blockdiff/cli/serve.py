@@ -31,19 +31,20 @@ def add_parser(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds to let open requests finish (default 30)")
+                   help="on SIGTERM, seconds to let open requests finish, then exit 0 (default 30)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a new connection has to send its request headers (default 10)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     setup(args)
     positive(args, "max_num_seqs", "max_model_len", "max_body_bytes")
-    if args.max_queue < 0 or args.request_timeout <= 0:
-        raise ValueError("--max-queue must be >= 0 and --request-timeout > 0")
-    import uvicorn
-
+    if args.max_queue < 0 or args.request_timeout <= 0 or args.header_timeout <= 0:
+        raise ValueError("--max-queue must be >= 0, --request-timeout and --header-timeout > 0")
     from ..engine.engine import LLM
     from ..server.app import ServerConfig, create_app
+    from ..server.http_server import serve
 
     path = model_path(args)
     llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
@@ -53,6 +54,5 @@ def run(args: argparse.Namespace) -> int:
         llm.warm_up()
     config = ServerConfig(args.served_model_name or Path(path).resolve().name, args.api_key, args.max_queue,
                           args.request_timeout, args.max_body_bytes)
-    uvicorn.run(create_app(llm, config), host=args.host, port=args.port,
-                timeout_graceful_shutdown=args.shutdown_timeout, log_level="info")
+    serve(create_app(llm, config), args.host, args.port, args.shutdown_timeout, args.header_timeout)
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -51,9 +52,10 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
 
 
-def error_response(err: ApiError) -> JSONResponse:
+def error_response(err: ApiError) -> Response:
+    """The OpenAI error body; ASCII-escaped JSON, so no message can fail to encode."""
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return Response(json.dumps(err.body()), status_code=err.status, headers=headers, media_type="application/json")
 
 
 class Guard:
@@ -118,9 +120,12 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app.add_middleware(Guard, config=config, metrics=metrics)
     _add_error_handlers(app)
 
+    def prepare(raw: bytes, kind: type):
+        """Parse, tokenize and render templates: CPU work kept off the event loop."""
+        return build_plan(parse_request(raw, kind), llm.tokenizer, limits, config.model_name)
+
     async def generate(request: Request, kind: type):
-        req = parse_request(await request.body(), kind)
-        plan = build_plan(req, llm.tokenizer, limits, config.model_name)
+        plan = await asyncio.to_thread(prepare, await request.body(), kind)
         group = engine.submit(plan.choices, frames=plan.frames is not None)
         fmt = Formatter(plan, llm.tokenizer)
         if plan.stream:

@@ -1,8 +1,8 @@
 """AsyncEngine: ONE background thread owns the `LLM`; asyncio code talks to it through queues.
 
 Contract:
-- `submit(choices, frames)` (on the event loop) reserves capacity (429 past `max_num_seqs +
-  max_queue` choices in flight), queues the choices for the engine thread and returns a
+- `submit(choices, frames)` (on the event loop) reserves capacity (400 for a request that alone
+  exceeds `max_num_seqs + max_queue` choices; 429 when that many are in flight: retry later), queues the choices for the engine thread and returns a
   `RequestGroup`. The thread runs `LLM.step()` while there is work and sleeps on its inbox when
   idle (no busy loop); after each step it hands the group its `RequestOutput`s and, if asked, the
   step's `CanvasFrame`s, with one `loop.call_soon_threadsafe` per group.
@@ -113,6 +113,9 @@ class AsyncEngine:
         return self.thread.is_alive()
 
     def submit(self, choices: list[Choice], frames: bool) -> RequestGroup:
+        if len(choices) > self.capacity:            # could never run, however long the client waits
+            raise ApiError(400, f"this request asks for {len(choices)} choices (prompts x n); this server runs "
+                           f"and queues at most {self.capacity} at once", param="n", code="invalid_value")
         if self.in_flight + len(choices) > self.capacity:
             raise ApiError(429, f"the server is at capacity ({self.capacity} choices running or queued); retry later",
                            code="rate_limit_exceeded", type="rate_limit_error")

@@ -2,7 +2,9 @@
 
 Contract: `parse_request(raw_bytes, CompletionRequest | ChatCompletionRequest)` returns a validated
 pydantic model or raises `ApiError` (status 400) whose message names the offending field. Rules:
-- Bodies are strict JSON objects: no NaN/Infinity, no type coercion ("5" is not an integer).
+- Bodies are strict JSON objects: no NaN/Infinity, no type coercion ("5" is not an integer), no
+  invalid Unicode (a lone UTF-16 surrogate such as "\\ud800" anywhere, keys included, is a 400
+  naming the field).
 - Fields OpenAI defines but this server cannot honour (`UNSUPPORTED`, e.g. logit_bias, penalties,
   response_format, tools, logprobs) are accepted only with their neutral value (null, 0, false,
   {}, ...); any other value is a 400 naming the field. Unknown fields are a 400 too: nothing is
@@ -97,6 +99,9 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(16, ge=1)     # OpenAI's default for completions
 
 
+PART_TYPES = ("text",)
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -133,6 +138,9 @@ def parse_request(raw: bytes, model: type[_Common]) -> _Common:
         raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_unicode(body, "")
+    if isinstance(body.get("messages"), list):
+        _check_part_types(body["messages"])
     for name, neutral in UNSUPPORTED.items():
         if name in body:
             value = body.pop(name)
@@ -145,6 +153,35 @@ def parse_request(raw: bytes, model: type[_Common]) -> _Common:
         raise _from_validation(e) from None
     _check_common(req)
     return req
+
+
+def _check_unicode(value: Any, path: str) -> None:
+    """Reject strings that are not valid Unicode (lone surrogates cannot be encoded as UTF-8)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"'{path or 'body'}' contains invalid Unicode (a lone UTF-16 surrogate)",
+                           param=path or None, code="invalid_value") from None
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{path}.{i}" if path else str(i))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, path)
+            _check_unicode(item, f"{path}.{key}" if path else key)
+
+
+def _check_part_types(messages: list) -> None:
+    """A content part of a type this server does not take gets a message that says so."""
+    for i, m in enumerate(messages):
+        parts = m.get("content") if isinstance(m, dict) else None
+        for j, part in enumerate(parts if isinstance(parts, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind not in PART_TYPES:
+                raise ApiError(400, f"content part type '{kind}' is not supported (supported: "
+                               f"{', '.join(PART_TYPES)})", param=f"messages.{i}.content.{j}.type",
+                               code="invalid_value")
 
 
 def _from_validation(e: ValidationError) -> ApiError:

@@ -1,7 +1,6 @@
 """A tiny random DiffusionGemma checkpoint with a byte-level tokenizer, made locally, no download.
 
-Used by `blockdiff generate` when no trained model is available, and by tests and benchmarks that
-need a real checkpoint directory. The text it writes is noise: its weights are random.
+Used by tests and benchmarks that need a real checkpoint directory. The text it writes is noise: its weights are random.
 """
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from .config import ModelConfig
 from .model.init import init_weights
 from .model.transformer import DiffusionGemma
-
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]   # ids 0..4
+from .tokenizer import SPECIAL_TOKENS
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -31,12 +29,12 @@ def tiny_config(**overrides) -> ModelConfig:
 def byte_tokenizer() -> Tokenizer:
     """Byte-level BPE without merges: one token per byte, plus the special tokens at ids 0..4."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    vocab.update({ch: len(SPECIALS) + i for i, ch in enumerate(sorted(alphabet))})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(SPECIAL_TOKENS)
     return tok
 
 

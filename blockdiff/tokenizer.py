@@ -22,6 +22,8 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+# the vocabularies blockdiff builds (default model, tests): ids 0..4 in this order
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", START_OF_TURN, END_OF_TURN)
 
 
 def _token_name(value: Any) -> str | None:

@@ -90,3 +90,13 @@ def test_no_import_cycles_lazy_imports_included():
     for m in sorted(edges):
         if m not in state:
             visit(m)
+
+
+def test_modules_and_functions_stay_small():
+    """Modules of one purpose under 350 lines; functions that fit on a screen (60 lines)."""
+    for path in PKG.rglob("*.py"):
+        source = path.read_text()
+        assert len(source.splitlines()) <= 350, path
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 60, (path, node.name)

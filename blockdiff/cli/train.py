@@ -64,7 +64,7 @@ def add_train(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/checkpoint (weights, optimizer state, step) if it exists")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
-                   help="stop after step N in this session; the learning-rate schedule still spans the "
+                   help="stop after step N in this run; the learning-rate schedule still spans the "
                         "config's max_steps, so a later --resume continues the same run")
     p.set_defaults(func=run_train)
 

@@ -1,7 +1,7 @@
 """The entropy-bound sampler's math, as small tensor functions shared by the reference and the engine.
 
 Every function works on whole batches, `(B, C)` positions at once, with no host syncs. Numerics
-match transformers 5.23.0 (SPEC sections 6 and 8):
+match transformers 5.23.0's `DiffusionGemmaForBlockDiffusion.generate`:
 - the temperature is a float32 tensor `t_min + (t_max - t_min) * (int32(step) / N)`, and logits are
   *divided* by it (a Python-double temperature differs in the last ulp);
 - entropy is `torch.distributions.Categorical(logits=...).entropy()`, written out;

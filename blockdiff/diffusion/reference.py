@@ -1,7 +1,7 @@
 """reference_generate: the slow, single-call, obviously-correct block-diffusion generator.
 
-It follows transformers 5.23.0 `DiffusionGemmaForBlockDiffusion.generate` step for step (SPEC
-section 6), including the order of random draws (per canvas: one `randint` for the initial canvas;
+It follows transformers 5.23.0 `DiffusionGemmaForBlockDiffusion.generate` step for step,
+including the order of random draws (per canvas: one `randint` for the initial canvas;
 per step: one `multinomial`, then one `randint` for renoising), so that under the same seed on CPU in
 fp32 it returns the reference's exact tokens. The fast engine is tested against this function;
 keep it simple rather than fast.

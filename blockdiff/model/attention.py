@@ -4,7 +4,7 @@ One attention module serves three modes; the *context* object decides the keys a
 - `EncodeContext`: causal (plus the sliding window on sliding layers); writes K/V into a `KVCache`.
   Used for prompt prefill and canvas commit.
 - `DecodeContext`: the canvas attends bidirectionally to itself and to the cached context; sliding
-  layers see only the last `W - 1` cached tokens (transformers' eager/sdpa semantics, SPEC 4.2).
+  layers see only the last `W - 1` cached tokens (transformers' eager/sdpa semantics).
   It never writes the cache.
 - `DenseContext`: explicit per-layer-type masks over the current tokens (training).
 Masks are additive (0 or dtype-min), as in the reference's eager path, so a fully masked row (a

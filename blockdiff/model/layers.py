@@ -1,6 +1,6 @@
 """Building blocks of a DiffusionGemma layer: RMSNorm, rotary tables, dense MLP, router and experts.
 
-Numerics follow transformers 5.23.0 (see shared/SPEC.md sections 3 and 8) so that fp32 matches to
+Numerics follow transformers 5.23.0 (its Gemma 4 norms, RoPE and MoE) so that fp32 matches to
 ~1e-6 and bf16 is bit-exact against its eager backends:
 - RMSNorm computes in fp32 with `pow(mean(x^2) + eps, -0.5)` and a plain `w` scale (not `1 + w`).
 - RoPE tables are built in fp32 from positions and cast once to the activation dtype.

@@ -1,6 +1,6 @@
 """Self-conditioning: feeds the previous denoising step's prediction back into the decoder input.
 
-Contract (SPEC section 5): the decoder input is always `post_norm(embed(canvas) + sc)` with a
+Contract (as transformers 5.23.0's DiffusionGemma decoder): the decoder input is always `post_norm(embed(canvas) + sc)` with a
 weight-free RMSNorm, where `sc = down(gelu(gate(n)) * up(n))`, `n = pre_norm(soft)`, and `soft` is
 the soft embedding `softmax(prev_logits) @ E * embed_scale` (zero at a canvas's first step, which
 makes `sc` exactly zero).

@@ -145,6 +145,12 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def chat_completions(request: Request):
         return await generate(request, ChatCompletionRequest)
 
+    _add_info_routes(app, engine, metrics, config, limits)
+    return app
+
+
+def _add_info_routes(app: FastAPI, engine: AsyncEngine, metrics: Metrics, config: ServerConfig, limits: Limits) -> None:
+    """The model list, health, Prometheus metrics and the playground page."""
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(time.time()),
@@ -165,7 +171,6 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -28,15 +28,13 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from blockdiff.tokenizer import Tokenizer
+from blockdiff.tokenizer import SPECIAL_TOKENS, Tokenizer
 from blockdiff.train.corpus import SPLITS, CorpusConfig, build_corpus, read_documents
 from blockdiff.train.sources import SOURCES, get_sources
 
 __all__ = ["SPECIAL_TOKENS", "build_corpus", "train_tokenizer", "tokenize_corpus", "TokenDataset",
            "DataConfig", "run_data_pipeline", "summary"]
 
-# Order is the contract: pad=0, eos=1, bos=2, then the chat-turn markers.
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
 ENCODE_BATCH = 1024  # documents per encode_batch call: enough to keep the Rust threads busy
 
 

@@ -50,22 +50,17 @@ def model_card(model, run_dir: Path, train: dict, val: dict, manifest: dict | No
                evaluation: dict | None = None, note: str = "") -> str:
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
-    step = train.get("step")
-    interim = planned_steps is not None and step is not None and step < planned_steps
-    status = (f"**Interim checkpoint: {step} of {planned_steps} planned optimizer steps.** Training continues in "
-              "later sessions; until then the text is far from fluent." if interim else
-              "It is a demo-scale model: expect English words and fragments of grammar, not fluent text.")
     lines = [f"# blockdiff default model ({params / 1e6:.1f}M parameters, {dtype})", "",
              "A small DiffusionGemma-architecture block-diffusion language model trained from scratch by the "
-             "blockdiff project on public-domain and permissively licensed text. " + status, "",
+             "blockdiff project on public-domain and permissively licensed text.", "",
              "## Architecture", "",
              f"vocab {cfg.vocab_size} (byte-level BPE), hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
              f"({', '.join(cfg.layer_types)}), {cfg.num_attention_heads} heads, {cfg.num_experts} experts top-"
              f"{cfg.top_k_experts}, canvas {cfg.canvas_length}, sliding window {cfg.sliding_window}.", "",
              "## Training", "",
              f"Recipe: `blockdiff data --out data/corpus --install` then `blockdiff train configs/default.json` "
-             f"(resumed with `--resume` across sessions), exported with `blockdiff export {run_dir} DEST`.", "",
-             f"- optimizer steps: {train.get('step', 'n/a')}",
+             f"(`--resume` continues an interrupted run), exported with `blockdiff export {run_dir} DEST`.", "",
+             f"- optimizer steps: {train.get('step', 'n/a')} of {planned_steps or 'n/a'} configured",
              f"- training tokens (clean): {train.get('tokens', 'n/a')}",
              f"- last training loss (decoder + encoder): {_fmt(train.get('loss'))} "
              f"(decoder {_fmt(train.get('decoder'))}, encoder {_fmt(train.get('encoder'))})",

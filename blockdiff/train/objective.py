@@ -1,6 +1,7 @@
 """Training objectives: uniform-state block-diffusion corruption, the one-pass training mask, losses.
 
-Contract (SPEC section 7; NeMo's DiffusionGemma recipe; BD3-LM's one-pass training):
+Contract (transformers 5.23.0's DiffusionGemma training loss; NeMo's DiffusionGemma recipe; BD3-LM's
+one-pass training):
 - A clean sequence x (B, L) with L = n * C is cut into n canvases of C = config.canvas_length tokens.
   `corrupt` replaces each position of canvas b by a uniform random token with probability t[b],
   t ~ U(eps, 1) drawn per canvas (no mask token: the state space is the vocabulary itself).
@@ -79,7 +80,7 @@ def block_diffusion_allowed(q: torch.Tensor, k: torch.Tensor, length: int, canva
     Parts (bd3lms style): clean causal (the encoder), block diagonal (a canvas sees itself
     bidirectionally), offset block causal (a canvas sees the clean tokens before it). Sliding
     layers limit the clean keys to W per clean query, and to the last W-1 before a canvas
-    (the decoder's view of a sliding cache at inference, SPEC 4.2)."""
+    (the decoder's view of a sliding cache at inference)."""
     q_noisy, k_noisy = q >= length, k >= length
     q_pos, k_pos = q - length * q_noisy.long(), k - length * k_noisy.long()     # positions in x
     q_block, k_block = q_pos // canvas, k_pos // canvas

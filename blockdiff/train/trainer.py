@@ -8,7 +8,7 @@ Contract:
 - Determinism: micro-batch i of step s (numbered across ranks) draws its windows and its noise from
   a generator seeded by (seed, s, i) alone. So a resumed run repeats the uninterrupted run's losses,
   and N processes see exactly the batches one process sees with N times the accumulation.
-- `--max-steps N` stops a session early; the schedule still spans `max_steps` of the config, so the
+- `--max-steps N` stops this run early; the schedule still spans `max_steps` of the config, so the
   next `--resume` continues the same run. A resumed run must have the checkpoint's model config.
 - `kill PID` (SIGTERM) or Ctrl-C checkpoints a single-process run before it exits.
 """
@@ -80,7 +80,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
 
 
 class Run:
-    """One training session: the wrapped model, optimizer, data and records."""
+    """One training run in this process: the wrapped model, optimizer, data and records."""
 
     def __init__(self, cfg: TrainConfig, d: distributed.Dist, data, resume: bool):
         self.cfg, self.d, self.data = cfg, d, data

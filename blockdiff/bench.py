@@ -158,8 +158,8 @@ def run_engine(llm, batch: int, prompt_len: int, max_tokens: int, steps: int, fi
 def run_transformers_fresh(path: Path, batch: int, prompt_len: int, max_tokens: int, steps: int, vocab: int,
                            repeat: int = 1) -> float:
     """`run_transformers` in a new process, as users run it: with glibc's default allocator, not
-    this process's heap setting (which speeds transformers up too, e.g. small preset batch 16:
-    ~100 -> ~140 tok/s) and with this process's thread count."""
+    this process's heap setting (which speeds transformers up too) and with this process's thread
+    count."""
     code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); from pathlib import Path; "
             f"from blockdiff.bench import run_transformers; "
             f"print(run_transformers(Path({str(path)!r}), {batch}, {prompt_len}, {max_tokens}, {steps}, {vocab}, {repeat}))")

@@ -1,5 +1,5 @@
 """What the device can do fast. Contract: `auto_dtype(device)` is bf16 on CUDA and on CPUs with native
-bf16 matmuls (AVX512-BF16 / AMX, ~2.5x fp32 on these machines), else fp32. `--threads` for the
+bf16 matmuls (AVX512-BF16 / AMX), else fp32 (AVX2-only CPUs run bf16 matmuls on slow fallback kernels). `--threads` for the
 commands that run a model. `reuse_freed_memory()` keeps glibc from handing large freed tensors back
 to the OS. torch is imported lazily, so that `--help` stays instant."""
 from __future__ import annotations
@@ -42,9 +42,8 @@ def reuse_freed_memory() -> bool:
     """Make freed CPU tensors' memory reusable by the next allocation, process-wide (glibc only).
 
     By default glibc serves blocks over 128 KB-32 MB with mmap and returns them to the OS on free,
-    so every new large tensor (logits tiles, attention scores) page-faults on fresh zeroed pages:
-    on these machines an fp32 multiply over 12.6M elements takes 18 ms into fresh memory and 4 ms
-    into reused memory, and the sampler's tile 3.3x longer. Raising the mmap and trim thresholds
+    so every new large tensor (logits tiles, attention scores) page-faults on fresh zeroed pages,
+    which can cost more than the arithmetic written into them. Raising the mmap and trim thresholds
     keeps freed blocks in the heap (the process keeps its peak footprint, as with jemalloc or
     tcmalloc, which PyTorch recommends for CPU inference). Returns whether it took effect."""
     global _reusing

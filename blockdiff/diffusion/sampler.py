@@ -109,7 +109,7 @@ def eager_sampler_core(model):
 @functools.cache
 def compiled_sampler_core():
     """`sampler_core` through torch.compile (one fused loop per row instead of ~10 passes over
-    (C x V)); compiled once for dynamic shapes, ~25 s on a 2-core CPU the first time."""
+    (C x V)); compiled once, for dynamic shapes, on its first call."""
     return torch.compile(sampler_core, dynamic=True)
 
 

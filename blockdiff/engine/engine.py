@@ -42,9 +42,9 @@ class LLM:
         batch; 'sdpa' is faster but its CPU flash kernel rounds differently with the batch's padded
         key length, so in bf16 a request's tokens can then depend on its neighbours.
         `compile`: torch.compile the model's layers (in place, see `compiled.py`) and the sampler,
-        fusing their small elementwise kernels. On a 2-core CPU (small preset) it gave 1.2x the
-        throughput at batch 1 and 1.3-1.4x at batch 16, after 1-2 min of compiling. Default (None):
-        on for CUDA, off on CPU. Eager is the tested reference path."""
+        fusing their small elementwise kernels, after a one-off compile (minutes on a small CPU; the
+        README's benchmark table has the speedups measured). Default (None): on for CUDA, off on
+        CPU. Eager is the tested reference path."""
         if isinstance(model, DiffusionGemma):
             self.model = model
         else:

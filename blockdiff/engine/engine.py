@@ -116,7 +116,7 @@ class LLM:
 
     @property
     def num_slots(self) -> int:
-        return len(self.scheduler.kv.busy)
+        return self.scheduler.num_slots
 
     @property
     def limits(self) -> tuple[int, int, int]:

@@ -54,6 +54,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
+    @property
+    def num_slots(self) -> int:
+        return len(self.kv.busy)
+
     def capacity_needed(self, prompt_len: int, max_tokens: int) -> int:
         """Positions a request can occupy: prompt plus whole canvases (the last is never encoded)."""
         return prompt_len + math.ceil(max_tokens / self.canvas_length) * self.canvas_length

@@ -6,14 +6,13 @@ wrongly shaped tensor raises `CheckpointError` naming it. Safetensors only; noth
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .hf_layout import DTYPES, SKIP, CheckpointError, save_checkpoint, to_checkpoint, to_ours, weight_files
+from .hf_layout import DTYPES, VISION, CheckpointError, save_checkpoint, to_checkpoint, to_ours, weight_files
 from .model.transformer import DiffusionGemma
 
 __all__ = ["CheckpointError", "load_model", "resolve_dtype", "save_checkpoint"]
@@ -30,25 +29,24 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu") -> DiffusionGemma:
-    """Load a DiffusionGemma checkpoint directory (HF layout) onto `device` in `dtype`."""
+    """Load a DiffusionGemma checkpoint directory (HF layout) onto `device` in `dtype`.
+    The model gets a vision tower exactly when the checkpoint holds its tensors."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     config = ModelConfig.from_file(path / "config.json")
     torch_dtype = resolve_dtype(dtype, config)
+    files = weight_files(path)
+    _settle_vision(config, files)
     with torch.device("meta"):
         model = DiffusionGemma(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state, skipped, sources = {}, 0, {}
-    for file in weight_files(path):
+    state = {}
+    for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     kind, name = to_ours(key)
-                    if kind == SKIP:
-                        skipped += 1
-                        sources[key] = str(file)
-                        continue
                     shape = tuple(f.get_slice(key).get_shape())
                     if name not in expected:
                         raise CheckpointError(f"unexpected tensor '{key}' in {file.name}")
@@ -63,7 +61,22 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None,
         shown = ", ".join(to_checkpoint(n) for n in missing[:5])
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
     model.load_state_dict(state, strict=True, assign=True)
-    model.source_files = sources
-    if skipped:
-        print(f"blockdiff: skipped {skipped} vision-tower tensors (text-only model)", file=sys.stderr)
     return model.eval()
+
+
+def _settle_vision(config: ModelConfig, files: list[Path]) -> None:
+    """Drop the vision config of a checkpoint without vision tensors (text-only; blockdiff writes a
+    placeholder tower config for transformers' sake); a checkpoint with them needs the config."""
+    has_vision = False
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                has_vision = has_vision or any(key.startswith(VISION) for key in f.keys())
+        except SafetensorError as err:
+            raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
+    if not has_vision:
+        config.vision_config = None
+    elif config.vision_config is None:
+        raise CheckpointError("checkpoint holds vision-tower tensors but config.json has no vision_config")
+    else:
+        config.check_image_tokens()

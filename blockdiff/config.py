@@ -3,9 +3,11 @@
 Contract:
 - `ModelConfig.from_dict(d)` accepts the Hugging Face layout (`model_type: "diffusion_gemma"` with a
   nested `text_config`) and also a bare text config (`model_type: "diffusion_gemma_text"`).
-- `to_dict()` writes the Hugging Face layout back. Keys blockdiff does not model (vision config,
-  `architectures`, `transformers_version`, ...) are kept in `extra` / `text_extra`, so a config that
-  was read and written again round-trips.
+- `to_dict()` writes the Hugging Face layout back. Keys blockdiff does not model (`architectures`,
+  `transformers_version`, ...) are kept in `extra` / `text_extra` / `VisionConfig.extra`, so a config
+  that was read and written again round-trips.
+- `vision_config` (a `VisionConfig`, the Gemma 4 vision tower) is None for a text-only model; such a
+  model is written with a tiny placeholder tower config (see PLACEHOLDER_VISION).
 - Per-layer attention shapes follow transformers' `per_layer_config`: sliding layers use the top
   level `head_dim` / `num_key_value_heads`, full layers their own (`global_head_dim`, default 512).
 - Invalid or unsupported configs raise `ConfigError` with a message that names the field.
@@ -24,18 +26,75 @@ DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
-# A negligible vision tower for checkpoints written by blockdiff without one: transformers builds a
-# 167M-parameter default tower when `vision_config` is absent, so we name a tiny one instead.
-PLACEHOLDER_VISION = {
-    "model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "position_embedding_size": 16,
-    "patch_size": 4, "pooling_kernel_size": 2,
-}
 REQUIRED = ("num_experts", "top_k_experts", "moe_intermediate_size")
+VISION_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "patch_size", "pooling_kernel_size", "position_embedding_size")
 
 
 class ConfigError(ValueError):
     """A config.json that blockdiff cannot use; the message names the field."""
+
+
+@dataclass
+class VisionConfig:
+    """The Gemma 4 vision tower (`model_type "gemma4_vision"`); defaults are transformers' class defaults."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "axial", "rope_theta": 100.0})
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10240
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)    # unknown keys, kept for the round trip
+
+    def __post_init__(self) -> None:
+        for name in VISION_INTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"vision_config field '{name}' must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("vision_config 'num_attention_heads' is not a multiple of 'num_key_value_heads'")
+        if self.head_dim % 4:
+            raise ConfigError(f"vision_config 'head_dim' must be a multiple of 4 (2-D rotary), got {self.head_dim}")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ConfigError(f"vision_config 'hidden_activation' {self.hidden_activation!r} is not supported")
+        if (self.rope_parameters or {}).get("rope_type", "axial") != "axial":
+            raise ConfigError("vision_config 'rope_parameters.rope_type' must be 'axial'")
+
+    @property
+    def rope_theta(self) -> float:
+        return float((self.rope_parameters or {}).get("rope_theta", 100.0))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VisionConfig":
+        data = dict(data)
+        if data.pop("model_type", "gemma4_vision") != "gemma4_vision":
+            raise ConfigError("vision_config must have model_type 'gemma4_vision'")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        try:
+            return cls(**{k: data.pop(k) for k in list(data) if k in known}, extra=data)
+        except TypeError as err:
+            raise ConfigError(f"bad vision_config in config.json: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"model_type": "gemma4_vision", **copy.deepcopy(self.extra)}
+        out.update({f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "extra"})
+        return out
+
+
+# A negligible vision tower for checkpoints written by blockdiff without one: transformers builds a
+# 167M-parameter default tower when `vision_config` is absent, so we name a tiny one instead.
+PLACEHOLDER_VISION = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=2, head_dim=8, position_embedding_size=16, patch_size=4,
+                                  pooling_kernel_size=2).to_dict()
 
 
 @dataclass
@@ -69,7 +128,10 @@ class ModelConfig:
     dtype: str = "float32"
     # top-level eos ids (the release lists [1, 106]); None means "use text eos_token_id"
     model_eos_token_id: int | list[int] | None = None
-    vision_config: dict[str, Any] | None = None
+    vision_config: VisionConfig | None = None
+    image_token_id: int = 258880      # soft-token placeholder; boi/eoi wrap each image's run of them
+    boi_token_id: int = 255999
+    eoi_token_id: int = 258882
     extra: dict[str, Any] = field(default_factory=dict)       # unknown top-level keys
     text_extra: dict[str, Any] = field(default_factory=dict)  # unknown text_config keys
 
@@ -83,6 +145,8 @@ class ModelConfig:
             self.layer_types[-1] = FULL
         if self.rope_parameters is None:
             self.rope_parameters = copy.deepcopy(DEFAULT_ROPE)
+        if isinstance(self.vision_config, dict):
+            self.vision_config = VisionConfig.from_dict(self.vision_config)
         self.validate()
 
     def validate(self) -> None:
@@ -114,6 +178,13 @@ class ModelConfig:
             if rope is None or rope.get("rope_type", "default") not in ("default", "proportional"):
                 raise ConfigError(f"config field 'rope_parameters.{kind}' is missing or has an unsupported rope_type")
 
+    def check_image_tokens(self) -> None:
+        """A model with a vision tower needs its image token ids inside the vocabulary."""
+        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"config field '{name}' = {getattr(self, name)} is outside the vocabulary "
+                                  f"(vocab_size={self.vocab_size})")
+
     # ---- per-layer shapes -------------------------------------------------------------------
     def layer_head_dim(self, i: int) -> int:
         return self.global_head_dim if self.layer_types[i] == FULL else self.head_dim
@@ -122,6 +193,11 @@ class ModelConfig:
         if self.layer_types[i] == FULL and self.num_global_key_value_heads is not None:
             return self.num_global_key_value_heads
         return self.num_key_value_heads
+
+    @property
+    def bidirectional_images(self) -> bool:
+        """Whether each image's soft tokens attend to each other inside the causal prompt."""
+        return self.text_extra.get("use_bidirectional_attention") == "vision"
 
     @property
     def eos_ids(self) -> list[int]:
@@ -155,6 +231,9 @@ class ModelConfig:
         kwargs["dtype"] = str(top.pop("dtype", None) or top.pop("torch_dtype", None) or "float32")
         kwargs["model_eos_token_id"] = top.pop("eos_token_id", None)
         kwargs["vision_config"] = top.pop("vision_config", None)
+        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            if name in top:
+                kwargs[name] = top.pop(name)
         top.pop("model_type", None)
         if "tie_word_embeddings" in top:
             kwargs["tie_word_embeddings"] = top.pop("tie_word_embeddings")
@@ -169,7 +248,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         names = {f.name for f in fields(self)} - {"extra", "text_extra", "canvas_length", "dtype", "global_head_dim",
                                                    "num_global_key_value_heads", "model_eos_token_id",
-                                                   "vision_config", "tie_word_embeddings"}
+                                                   "vision_config", "tie_word_embeddings", "image_token_id",
+                                                   "boi_token_id", "eoi_token_id"}
         text = {"model_type": "diffusion_gemma_text", **self.text_extra}
         text.update({name: copy.deepcopy(getattr(self, name)) for name in sorted(names)})
         text["tie_word_embeddings"] = self.tie_word_embeddings
@@ -180,7 +260,9 @@ class ModelConfig:
         out = {"architectures": ["DiffusionGemmaForBlockDiffusion"], **copy.deepcopy(self.extra)}
         out.update({"model_type": "diffusion_gemma", "canvas_length": self.canvas_length, "dtype": self.dtype,
                     "tie_word_embeddings": self.tie_word_embeddings, "text_config": text,
-                    "vision_config": copy.deepcopy(self.vision_config or PLACEHOLDER_VISION)})
+                    "vision_config": self.vision_config.to_dict() if self.vision_config else copy.deepcopy(PLACEHOLDER_VISION),
+                    "image_token_id": self.image_token_id, "boi_token_id": self.boi_token_id,
+                    "eoi_token_id": self.eoi_token_id})
         if self.model_eos_token_id is not None:
             out["eos_token_id"] = self.model_eos_token_id
         return out
@@ -213,7 +295,8 @@ def _text_kwargs(text: dict[str, Any]) -> dict[str, Any]:
     text.pop("model_type", None)
     per_layer = text.pop("per_layer_config", None) or {}
     known = {f.name for f in fields(ModelConfig)} - {"extra", "text_extra", "canvas_length", "dtype",
-                                                     "model_eos_token_id", "vision_config"}
+                                                     "model_eos_token_id", "vision_config", "image_token_id",
+                                                     "boi_token_id", "eoi_token_id"}
     kwargs = {k: text.pop(k) for k in list(text) if k in known}
     layer_types = kwargs.get("layer_types")
     if layer_types is not None and len(layer_types) != kwargs.get("num_hidden_layers", len(layer_types)):

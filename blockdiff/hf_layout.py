@@ -4,8 +4,8 @@ Contract:
 - Name mapping is declarative (`to_ours`): `model.decoder.X` <-> `X`; the encoder's only untied
   tensors, `model.encoder.language_model.layers.{i}.layer_scalar`, <-> `layers.{i}.encoder_layer_scalar`.
   Tied copies (`lm_head.weight`, other `model.encoder.language_model.*`) are accepted and
-  shape-checked but not loaded twice. Vision-tower tensors are skipped and copied through
-  unchanged on save, so a round trip keeps them.
+  shape-checked but not loaded twice. The vision tower and its embedder, `model.encoder.vision_tower.X`
+  and `model.encoder.embed_vision.X`, <-> `vision_tower.X` and `embed_vision.X`.
 - `save_checkpoint` writes what `transformers.DiffusionGemmaForBlockDiffusion.from_pretrained` reads:
   `config.json` + `model.safetensors`, or shards with `model.safetensors.index.json`.
 This module knows the layout, not the model class, so the model can save itself through it.
@@ -17,14 +17,14 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEC, ENC = "model.decoder.", "model.encoder.language_model."
 ENC_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
-SKIP, TIED = "skip", "tied"
+OUR_VISION = ("vision_tower.", "embed_vision.")
+TIED = "tied"
 
 
 class CheckpointError(ValueError):
@@ -32,7 +32,7 @@ class CheckpointError(ValueError):
 
 
 def to_ours(key: str) -> tuple[str, str]:
-    """Checkpoint key -> (kind, our name): kind is 'load', 'tied' (check shape only) or 'skip'."""
+    """Checkpoint key -> (kind, our name): kind is 'load' or 'tied' (check shape only)."""
     if key.startswith(DEC):
         return "load", key[len(DEC):]
     if m := ENC_SCALAR.match(key):
@@ -42,11 +42,13 @@ def to_ours(key: str) -> tuple[str, str]:
     if key == "lm_head.weight":
         return TIED, "embed_tokens.weight"
     if key.startswith(VISION):
-        return SKIP, key
+        return "load", key[len("model.encoder."):]
     raise CheckpointError(f"unexpected tensor '{key}' in checkpoint")
 
 
 def to_checkpoint(name: str) -> str:
+    if name.startswith(OUR_VISION):
+        return "model.encoder." + name
     m = re.match(r"^layers\.(\d+)\.encoder_layer_scalar$", name)
     return f"{ENC}layers.{m.group(1)}.layer_scalar" if m else DEC + name
 
@@ -74,9 +76,6 @@ def save_checkpoint(model, path: str | Path, max_shard_bytes: int | None = None)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {to_checkpoint(n): t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-    for key, file in model.source_files.items():     # vision tensors copied through unchanged
-        with safe_open(file, framework="pt", device="cpu") as f:
-            tensors[key] = f.get_tensor(key)
     config = model.config
     config.dtype = next(k for k, v in DTYPES.items() if v == model.dtype)
     config.save(path / "config.json")

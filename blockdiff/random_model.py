@@ -1,6 +1,9 @@
 """A tiny random DiffusionGemma checkpoint with a byte-level tokenizer, made locally, no download.
 
-Used by tests and benchmarks that need a real checkpoint directory. The text it writes is noise: its weights are random.
+Used by `blockdiff generate` when no trained model is available, and by tests and benchmarks that
+need a real checkpoint directory. The text it writes is noise: its weights are random. With a vision
+config (`tiny_vision_config()`) it is multimodal: the tokenizer gains the three image tokens after
+the bytes, the config's image token ids point at them, and a `preprocessor_config.json` is written.
 """
 from __future__ import annotations
 
@@ -11,9 +14,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from .config import ModelConfig
+from .image_processor import ImageProcessor
 from .model.init import init_weights
 from .model.transformer import DiffusionGemma
-from .tokenizer import SPECIAL_TOKENS
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]   # ids 0..4
+IMAGE_SPECIALS = {"boi_token_id": "<|image>", "image_token_id": "<|image|>", "eoi_token_id": "<image|>"}
+# Sides of up to 140 patches: the longest grid at 70 soft tokens (p=4, k=2); wider needs more rows.
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                   position_embedding_size=160, standardize=True)
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -26,15 +36,25 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def byte_tokenizer() -> Tokenizer:
-    """Byte-level BPE without merges: one token per byte, plus the special tokens at ids 0..4."""
+def tiny_vision_config(**overrides) -> ModelConfig:
+    """`tiny_config` with a small vision tower whose image tokens bidirectionally attend, as released."""
+    base = dict(vocab_size=len(SPECIALS) + 256 + len(IMAGE_SPECIALS), vision_config=dict(TINY_VISION))
+    base.update(overrides)
+    config = tiny_config(**base)
+    config.text_extra["use_bidirectional_attention"] = "vision"
+    return config
+
+
+def byte_tokenizer(extra_specials: tuple[str, ...] = ()) -> Tokenizer:
+    """Byte-level BPE without merges: one token per byte, plus the special tokens at ids 0..4 and
+    `extra_specials` after the bytes."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({ch: len(SPECIALS) + i for i, ch in enumerate(sorted(alphabet))})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(SPECIALS + list(extra_specials))
     return tok
 
 
@@ -43,9 +63,19 @@ def create_random_model(path: str | Path, config: ModelConfig | None = None, see
     """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json to `path`."""
     path = Path(path)
     config = config or tiny_config(vocab_size=byte_tokenizer().get_vocab_size())
+    specials = tuple(IMAGE_SPECIALS.values()) if config.vision_config else ()
+    tokenizer = byte_tokenizer(specials)
+    if specials:
+        for name, token in IMAGE_SPECIALS.items():
+            setattr(config, name, tokenizer.token_to_id(token))
     model = init_weights(DiffusionGemma(config), seed=seed).to(dtype)
     model.save_pretrained(path)
-    byte_tokenizer().save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, indent=2) + "\n")
+    if specials:
+        vision = config.vision_config
+        ImageProcessor(vision.patch_size, vision.pooling_kernel_size, max_soft_tokens=70).save(path)
+    tokenizer.save(str(path / "tokenizer.json"))
+    tok_config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    if specials:
+        tok_config.update(boi_token=specials[0], image_token=specials[1], eoi_token=specials[2])
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return path

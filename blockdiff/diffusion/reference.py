@@ -46,7 +46,8 @@ def reference_generate(model: DiffusionGemma, input_ids: torch.Tensor, attention
                        temperature: float = _D.temperature, fixed_steps: bool = _D.fixed_steps,
                        generator: torch.Generator | None = None,
                        noise=None, logits_processor: Callable | None = None, on_step: Callable | None = None,
-                       return_output: bool = False):
+                       return_output: bool = False, pixel_values: torch.Tensor | None = None,
+                       image_position_ids: torch.Tensor | None = None):
     """Generate `ceil(max_new_tokens / C)` whole canvases after `input_ids` (B, L).
 
     Returns the sequences tensor (B, L + n*C), or a `ReferenceOutput` if `return_output`.
@@ -69,9 +70,10 @@ def reference_generate(model: DiffusionGemma, input_ids: torch.Tensor, attention
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     passes = torch.zeros(batch, dtype=torch.int, device=input_ids.device)
     sequences, new_ids, steps_per_canvas = input_ids, attention_mask, []
+    images = {"pixel_values": pixel_values, "image_position_ids": image_position_ids}
     for index in range(n_canvases):
-        model.encode(sequences[:, cache.length:], cache, new_ids)      # prefill, then the last committed canvas
-        new_ids = None
+        model.encode(sequences[:, cache.length:], cache, new_ids, **images)   # prefill, then the last committed canvas
+        new_ids, images = None, {}
         canvas = noise.init_canvas(batch, c, vocab, input_ids.device)
         argmax_canvas, steps = _denoise_canvas(model, cache, canvas, params, stopper, finished, passes, noise,
                                                logits_processor, lambda *a: on_step and on_step(index, *a))

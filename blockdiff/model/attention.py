@@ -2,7 +2,9 @@
 
 One attention module serves three modes; the *context* object decides the keys and the mask:
 - `EncodeContext`: causal (plus the sliding window on sliding layers); writes K/V into a `KVCache`.
-  Used for prompt prefill and canvas commit.
+  Used for prompt prefill and canvas commit. With `image_blocks`, the tokens of one image also see
+  each other (the whole image, later tokens included), as the reference's generate() does when the
+  config sets `use_bidirectional_attention: "vision"`; the window does not cut an image short.
 - `DecodeContext`: the canvas attends bidirectionally to itself and to the cached context; sliding
   layers see only the last `W - 1` cached tokens (transformers' eager/sdpa semantics).
   It never writes the cache.
@@ -29,6 +31,23 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool -> (B, S) long: each maximal run of image tokens in a row gets its own id 0, 1, ...;
+    text tokens get -1."""
+    before = F.pad(is_image[:, :-1], (1, 0), value=False)
+    starts = (is_image & ~before).long()
+    return torch.where(is_image, starts.cumsum(1) - 1, -1)
+
+
+def same_image(blocks: torch.Tensor, positions: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Query/key pairs inside one image: blocks (B, S) of new tokens at absolute `positions` (B or 1, S),
+    keys at absolute positions [lo, hi) -> (B, S, hi - lo) bool. Keys that are not new tokens are text."""
+    key_blocks = torch.full((blocks.shape[0], hi), -1, dtype=blocks.dtype, device=blocks.device)
+    key_blocks = key_blocks.scatter(1, positions.expand_as(blocks), blocks)[:, lo:]
+    q = blocks[:, :, None]
+    return (q >= 0) & (q == key_blocks[:, None, :])
+
+
 class AttnContext:
     """Interface: `keys_values(layer, kind, k, v) -> (k_all, v_all, additive mask or None)`.
     k, v: (B, n_kv, S, D) for the current tokens."""
@@ -46,6 +65,7 @@ class EncodeContext(AttnContext):
     length: int
     window: int
     dtype: torch.dtype
+    image_blocks: torch.Tensor | None = None      # (B, S) from `image_blocks`, or None: all causal
     _masks: dict = field(default_factory=dict)
 
     def keys_values(self, layer, kind, k, v):
@@ -62,7 +82,10 @@ class EncodeContext(AttnContext):
             allowed = kpos <= q
             if kind != FULL:
                 allowed = allowed & (kpos > q - self.window)
-            allowed = allowed[None] & self.cache.valid[:, None, lo:end]   # (B, Q, K)
+            allowed = allowed[None]
+            if self.image_blocks is not None:
+                allowed = allowed | same_image(self.image_blocks, q.T, lo, end)
+            allowed = allowed & self.cache.valid[:, None, lo:end]          # (B, Q, K)
             self._masks[kind] = additive_mask(allowed[:, None], self.dtype)
         return self._masks[kind]
 

@@ -74,13 +74,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class MLP(nn.Module):
-    """Gated GELU-tanh MLP: down(gelu(gate(x)) * up(x)). Used as the dense 'shared expert'."""
+    """Gated GELU-tanh MLP: down(gelu(gate(x)) * up(x)). Used as the dense 'shared expert' and in the
+    vision tower (there with `linear=` its clippable linear)."""
 
-    def __init__(self, hidden: int, inner: int):
+    def __init__(self, hidden: int, inner: int, linear=nn.Linear):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = linear(hidden, inner, bias=False)
+        self.up_proj = linear(hidden, inner, bias=False)
+        self.down_proj = linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))

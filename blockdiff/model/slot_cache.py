@@ -5,7 +5,9 @@ Contract:
 - `SlotCache.k[l]`, `.v[l]`: (num_slots, max_len, n_kv_l, D_l), preallocated, written by index.
   (Position-major so that (slot, position) advanced indexing writes a whole (n_kv, D) block.)
 - `SlotEncodeContext`: rows write their new tokens at `starts[r] + arange(S)` in `slots[r]` and
-  attend causally (sliding layers: window W) over their own slot. No padding inside a row.
+  attend causally (sliding layers: window W) over their own slot, except that with `image_blocks`
+  the new tokens of one image see each other. No padding inside a row; an image is never split
+  across two calls.
 - `SlotDecodeContext`: rows' canvases attend to their own slot's first `lengths[r]` positions
   (sliding layers: the last W - 1 of them) plus the whole canvas. Read-only.
 `span` (a Python int, known to the scheduler) bounds the keys gathered: max over rows of the
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import FULL, ModelConfig
-from .attention import AttnContext, additive_mask
+from .attention import AttnContext, additive_mask, same_image
 
 
 class SlotCache:
@@ -55,6 +57,7 @@ class SlotEncodeContext(AttnContext):
     span: int                 # >= max(starts) + S
     window: int
     dtype: torch.dtype
+    image_blocks: torch.Tensor | None = None     # (R, S) image run ids of the new tokens, -1 = text
     _masks: dict = field(default_factory=dict)
 
     def keys_values(self, layer, kind, k, v):
@@ -72,6 +75,8 @@ class SlotEncodeContext(AttnContext):
             allowed = keys <= q
             if kind != FULL:
                 allowed = allowed & (keys > q - self.window)
+            if self.image_blocks is not None:
+                allowed = allowed | same_image(self.image_blocks, pos, 0, self.span)
             self._masks[kind] = additive_mask(allowed[:, None], self.dtype)            # (R, 1, S, K)
         return self._masks[kind]
 

@@ -4,6 +4,11 @@
 - `denoise(canvas, cache, soft_embeds)`: bidirectional pass over a canvas that reads the cache.
 - `logits(hidden)`: tied LM head + fp32 tanh softcap; kept separate because 262k-vocab logits are
   the largest tensors in the system and are computed only where needed.
+- Images (a model whose config has a vision tower): `image_features(pixel_values, positions)` runs
+  the tower and the embedder; `encode_with(..., image_embeds=)` puts those soft tokens in place of
+  the prompt's `image_token_id` tokens, in order. The caller's context decides whether an image's
+  tokens see each other (`image_blocks`); `encode(..., pixel_values=...)` does both as the
+  reference's generate() does. Canvases never see pixels, only the cached image K/V.
 The model maps ids, positions and attention contexts to hidden states; it knows nothing of
 sampling, requests or tokenizers. Parameter names equal the checkpoint's `model.decoder.*` keys
 (without that prefix); the encoder's own `layer_scalar` copies live in `encoder_layer_scalar`.
@@ -16,10 +21,11 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..hf_layout import save_checkpoint
-from .attention import AttnContext, Attention, DecodeContext, EncodeContext
+from .attention import AttnContext, Attention, DecodeContext, EncodeContext, image_blocks
 from .cache import KVCache
 from .layers import MLP, Experts, RMSNorm, Rotary, Router
 from .self_cond import SelfConditioning
+from .vision import MultimodalEmbedder, VisionTower
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
          "post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2")
@@ -64,7 +70,10 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config.hidden_size, config.intermediate_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
-        self.source_files: dict[str, str] = {}   # skipped checkpoint tensors -> file, re-copied on save
+        vision = config.vision_config
+        self.vision_tower = VisionTower(vision) if vision else None
+        self.embed_vision = MultimodalEmbedder(vision.hidden_size, config.hidden_size, vision.rms_norm_eps) \
+            if vision else None
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -81,6 +90,8 @@ class DiffusionGemma(nn.Module):
             raise ValueError(f"attention impl must be 'eager' or 'sdpa', got {impl!r}")
         for layer in self.layers:
             layer.self_attn.impl = impl
+        if self.vision_tower is not None:
+            self.vision_tower.impl = impl
 
     def use_grouped_experts(self) -> None:
         """Inference layout: every layer's experts as grouped matmuls (see `Experts.use_grouped_mm`)."""
@@ -102,6 +113,40 @@ class DiffusionGemma(nn.Module):
         probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype)
         return torch.matmul(probs, w) * self.embed_scale(w.dtype).to(w.device)
 
+    # ---- images -------------------------------------------------------------------------------
+    @property
+    def supports_images(self) -> bool:
+        return self.vision_tower is not None
+
+    def image_features(self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor) -> torch.Tensor:
+        """Processed images (n, N, 3p^2) fp32 and patch positions (n, N, 2) -> soft tokens
+        (sum over images of their soft-token counts, H) in the model dtype, image-major."""
+        if self.vision_tower is None:
+            raise ValueError("this checkpoint has no vision tower: it takes text only")
+        table = self.config.vision_config.position_embedding_size
+        if int(image_position_ids.max()) >= table:
+            raise ValueError(f"an image's patch grid is wider or taller than the {table} positions the tower knows")
+        feats = self.vision_tower(pixel_values.to(self.device), image_position_ids.to(self.device))
+        return self.embed_vision(feats)
+
+    def embed_prompt(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, S, H), with `image_embeds` (n, H) scattered over the image tokens in
+        row-major order. The counts must agree (checked: one host sync)."""
+        h = self.embed(input_ids)
+        if image_embeds is None:
+            return h
+        slots = input_ids == self.config.image_token_id
+        if int(slots.sum()) != image_embeds.shape[0]:
+            raise ValueError(f"the prompt has {int(slots.sum())} image tokens but its images give "
+                             f"{image_embeds.shape[0]} soft tokens")
+        return h.masked_scatter(slots[..., None], image_embeds.to(h.dtype))
+
+    def image_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Image run ids (B, S) for an encode context when the config makes images bidirectional, else None."""
+        if not self.config.bidirectional_images:
+            return None
+        return image_blocks(input_ids == self.config.image_token_id)
+
     # ---- backbone -----------------------------------------------------------------------------
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, ctx: AttnContext, scalars: str | torch.Tensor):
         """h (B, S, H), positions (B or 1, S). `scalars`: 'encoder', 'decoder', or a bool (B, S, 1)
@@ -116,10 +161,11 @@ class DiffusionGemma(nn.Module):
         return h
 
     def encode_with(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttnContext,
-                    need_hidden: bool = False) -> torch.Tensor | None:
+                    need_hidden: bool = False, image_embeds: torch.Tensor | None = None) -> torch.Tensor | None:
         """Causal pass over (B, S) new tokens at `positions` (B or 1, S); `ctx` writes their K/V.
+        `image_embeds` (n, H) replace the image tokens (see `embed_prompt`).
         Returns final-normed hidden states only if `need_hidden` (AR loss / AR decoding)."""
-        h = self.run_layers(self.embed(input_ids), positions, ctx, "encoder")
+        h = self.run_layers(self.embed_prompt(input_ids, image_embeds), positions, ctx, "encoder")
         return self.norm(h) if need_hidden else None
 
     def denoise_with(self, canvas_ids: torch.Tensor, positions: torch.Tensor, ctx: AttnContext,
@@ -130,15 +176,21 @@ class DiffusionGemma(nn.Module):
         return self.norm(self.run_layers(h0, positions, ctx, "decoder"))
 
     def encode(self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
-               need_hidden: bool = False) -> torch.Tensor | None:
+               need_hidden: bool = False, pixel_values: torch.Tensor | None = None,
+               image_position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """`encode_with` on a simple KVCache: tokens go at cache.length + arange(S).
-        attention_mask (B, S) marks real tokens (False = left pad)."""
+        attention_mask (B, S) marks real tokens (False = left pad). With `pixel_values` (all images of
+        the batch, in prompt order) the image tokens get their soft tokens and, where the config asks,
+        attend within their image."""
         start, s = cache.length, input_ids.shape[1]
         if attention_mask is not None:
             cache.valid[:, start:start + s] = attention_mask.bool()
         positions = torch.arange(start, start + s, device=input_ids.device)[None]
-        ctx = EncodeContext(cache, start, s, self.config.sliding_window, self.dtype)
-        out = self.encode_with(input_ids, positions, ctx, need_hidden)
+        embeds, blocks = None, None
+        if pixel_values is not None:
+            embeds, blocks = self.image_features(pixel_values, image_position_ids), self.image_blocks(input_ids)
+        ctx = EncodeContext(cache, start, s, self.config.sliding_window, self.dtype, blocks)
+        out = self.encode_with(input_ids, positions, ctx, need_hidden, embeds)
         cache.length = start + s
         return out
 
@@ -160,11 +212,13 @@ class DiffusionGemma(nn.Module):
 
     @torch.no_grad()
     def block_logits(self, input_ids: torch.Tensor, canvas_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                     image_position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder logits (B, C, V) fp32 for a canvas after a context, with no self-conditioning:
-        the same quantity as transformers' `model(input_ids=..., decoder_input_ids=...).logits`."""
+        the same quantity as transformers' `model(input_ids=..., decoder_input_ids=...).logits`
+        (with images: as its generate() computes them, image tokens attending within their image)."""
         cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + canvas_ids.shape[1])
-        self.encode(input_ids, cache, attention_mask)
+        self.encode(input_ids, cache, attention_mask, pixel_values=pixel_values, image_position_ids=image_position_ids)
         return self.logits(self.denoise(canvas_ids, cache))
 
     def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:

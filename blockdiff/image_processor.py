@@ -94,16 +94,11 @@ class ImageProcessor:
         side = k * p
         factor = math.sqrt(self.max_patches * p * p / (height * width))
         h, w = math.floor(factor * height / side) * side, math.floor(factor * width / side) * side
-        if h == 0 and w == 0:
-            raise ValueError(f"an image of {width}x{height} pixels cannot be resized to a whole patch grid")
         longest = (self.max_patches // k ** 2) * side
-        if h == 0:       # very wide: one block row, width from the aspect ratio
+        if h == 0:       # very wide: one row of pooling blocks, width from the aspect ratio
             h, w = side, min(math.floor(width / height) * side, longest)
         elif w == 0:
             h, w = min(math.floor(height / width) * side, longest), side
-        if h * w > self.max_patches * p * p:
-            raise ValueError(f"an image of {width}x{height} pixels has too extreme an aspect ratio for "
-                             f"{self.max_soft_tokens} soft tokens")
         return h, w
 
     def __call__(self, images: list[Image.Image]) -> ProcessedImages:
@@ -159,7 +154,9 @@ def load_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ValueError("image data is not a recognised image (send PNG, JPEG or WebP)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:     # Pillow's own cap, far above ours
+        raise ValueError(f"image is over the {max_pixels}-pixel limit: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"image data cannot be read: {err}") from None
     if image.format not in FORMATS:
         raise ValueError(f"unsupported image format {image.format}; send PNG, JPEG or WebP")

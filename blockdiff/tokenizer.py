@@ -7,7 +7,10 @@ Contract:
 - `encode` never lets the inner tokenizer add special tokens: the only special token it adds is
   `<bos>`, and only when asked, so a `tokenizer.json` whose post-processor adds BOS cannot double it.
 - `apply_chat_template` renders the config's Jinja template when there is one (needs jinja2),
-  else the Gemma-style fallback below. The result is text: encode it to get ids.
+  else the Gemma-style fallback below. The result is text: encode it to get ids. A message's
+  content is a string or a list of parts: `{"type": "text", "text": ...}` and image parts (`image`,
+  `image_url`); each image part becomes one image placeholder token (`image_token`, default
+  `<|image|>`) where the part stands, and the templates see it as `{"type": "image"}`.
 The tokenizer knows nothing about models or sampling.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 # the vocabularies blockdiff builds (default model, tests): ids 0..4 in this order
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", START_OF_TURN, END_OF_TURN)
+IMAGE_TOKEN = "<|image|>"
+IMAGE_PARTS = ("image", "image_url")
 
 
 def _token_name(value: Any) -> str | None:
@@ -91,6 +96,11 @@ class Tokenizer:
         return None if self.pad_token is None else self._tok.token_to_id(self.pad_token)
 
     @property
+    def image_token(self) -> str:
+        """The text of the placeholder that stands for one image in a prompt."""
+        return _token_name(self.config.get("image_token")) or IMAGE_TOKEN
+
+    @property
     def eos_ids(self) -> list[int]:
         """Ids that end generation: EOS, plus `<end_of_turn>` when the vocabulary has it,
         because a chat model closes its reply with that token rather than EOS."""
@@ -121,10 +131,7 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        for m in messages:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)):
-                raise ValueError(f"each message needs string 'role' and 'content', got {m!r}")
+        messages = [normalize_message(m, self.image_token) for m in messages]
         template = self.config.get("chat_template")
         if isinstance(template, list):  # HF also allows [{"name": ..., "template": ...}]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -158,7 +165,31 @@ def render_fallback_chat(messages: list[dict], add_generation_prompt: bool = Tru
     parts = []
     for m in messages:
         role = "model" if m["role"] == "assistant" else m["role"]
-        parts.append(f"{START_OF_TURN}{role}\n{m['content']}{END_OF_TURN}\n")
+        content = m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
+        parts.append(f"{START_OF_TURN}{role}\n{content}{END_OF_TURN}\n")
     if add_generation_prompt:
         parts.append(f"{START_OF_TURN}model\n")
     return "".join(parts)
+
+
+def normalize_message(message: Any, image_token: str) -> dict:
+    """Check a chat message; list content becomes text parts (`text` filled) and image parts reduced
+    to `{"type": "image", "text": image_token}`, so templates and the fallback place the marker."""
+    if not (isinstance(message, dict) and isinstance(message.get("role"), str)):
+        raise ValueError(f"each message needs a string 'role' and a 'content', got {message!r}")
+    content = message.get("content")
+    if isinstance(content, str):
+        return message
+    if not isinstance(content, list):
+        raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind in IMAGE_PARTS:
+            parts.append({"type": "image", "text": image_token})
+        else:
+            raise ValueError(f"unsupported message content part {part!r}: expected 'text' or 'image_url' parts")
+    return {**message, "content": parts}
+

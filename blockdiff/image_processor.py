@@ -15,9 +15,12 @@ bytes into a PIL image or raises `ValueError` naming the problem (format, size c
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,10 +69,10 @@ class ImageProcessor:
 
     # ---- settings ---------------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str | Path, vision=None) -> "ImageProcessor":
-        """Settings from a checkpoint directory; `vision` (a VisionConfig) supplies patch and pooling
-        sizes when no processor file exists and must agree with the file when one does."""
-        settings = _read_settings(Path(path))
+    def from_dir(cls, path: str | Path | None, vision=None) -> "ImageProcessor":
+        """Settings from a checkpoint directory (None: none); `vision` (a VisionConfig) supplies patch
+        and pooling sizes when no processor file exists and must agree with the file when one does."""
+        settings = _read_settings(Path(path)) if path is not None else None
         if settings is None and vision is not None:
             settings = {"patch_size": vision.patch_size, "pooling_kernel_size": vision.pooling_kernel_size,
                         "max_soft_tokens": vision.extra.get("default_output_length", 280)}
@@ -167,6 +170,23 @@ def load_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"image data is corrupt or truncated: {err}") from None
     return image
+
+
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a `data:image/png|jpeg|webp;base64,...` URL. Remote URLs are refused: images are
+    never fetched."""
+    if url.startswith(("http://", "https://")):
+        raise ValueError("image URLs are not fetched (no outbound requests): send the image inline as a "
+                         "data:image/png;base64,... URL")
+    match = re.fullmatch(r"data:([^;,]*)((?:;[^;,]*)*);base64,(.*)", url, re.S)
+    if match is None:
+        raise ValueError("an image URL must be a base64 data URL: data:image/png;base64,...")
+    if match.group(1) not in FORMATS.values():
+        raise ValueError(f"unsupported image type {match.group(1)!r}; send image/png, image/jpeg or image/webp")
+    try:
+        return base64.b64decode(match.group(3), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the image data URL is not valid base64") from None
 
 
 def _read_settings(path: Path) -> dict | None:

@@ -1,7 +1,8 @@
-"""`blockdiff generate PROMPT`: stream one continuation to stdout, a canvas at a time."""
+"""`blockdiff generate PROMPT [--image PATH]`: stream one continuation to stdout, a canvas at a time."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import add_model_flags, add_sampling_flags, model_path, sampling_params, setup
 
@@ -12,6 +13,10 @@ def add_parser(sub) -> None:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
     add_sampling_flags(p, max_tokens=128, seed=0)
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the tokenizer's chat template")
+    p.add_argument("--image", action="append", default=[], type=Path, metavar="PATH",
+                   help="an image (PNG, JPEG or WebP) for a multimodal model (repeatable). With --chat the "
+                        "images come before PROMPT in the user turn; without, PROMPT holds one <|image|> per "
+                        "image, or the markers are put before it")
     add_model_flags(p, max_model_len=4096, compile_flag=False)
     p.set_defaults(func=run)
 
@@ -23,9 +28,15 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     llm = LLM(model_path(args), dtype=args.dtype, device=args.device, max_num_seqs=1,
               max_model_len=args.max_model_len)
+    images = [path.read_bytes() for path in args.image]       # decoded and checked by the engine
     prompt = args.prompt
     if args.chat:
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        parts = [{"type": "image", "image": data} for data in images] + [{"type": "text", "text": prompt}]
+        prompt = llm.inputs.chat([{"role": "user", "content": parts if images else prompt}])
+    elif images:
+        marker = llm.tokenizer.image_token
+        text = prompt if marker in prompt else marker * len(images) + prompt
+        prompt = {"prompt": text, "multi_modal_data": {"image": images}}
     for out in llm.stream(prompt, params):      # print each canvas's text as it commits
         print(out.delta_text, end="", flush=True)
     print()

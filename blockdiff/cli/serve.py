@@ -29,7 +29,12 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests (choices) waiting for a slot before answering 429 (default 64)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default 600)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body (default 1 MiB; 20 MiB for a model that takes images)")
+    p.add_argument("--max-images-per-prompt", type=int, default=4, help="images per chat request (default 4)")
+    p.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
+                   help="let image_url parts name file:// paths under DIR (default: refused); remote "
+                        "http(s) image URLs are always refused")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let open requests finish, then exit 0 (default 30)")
     p.add_argument("--header-timeout", type=float, default=10.0,
@@ -39,7 +44,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup(args)
-    positive(args, "max_num_seqs", "max_model_len", "max_body_bytes")
+    positive(args, "max_num_seqs", "max_model_len", "max_images_per_prompt")
+    if args.max_body_bytes is not None:
+        positive(args, "max_body_bytes")
     if args.max_queue < 0 or args.request_timeout <= 0 or args.header_timeout <= 0:
         raise ValueError("--max-queue must be >= 0, --request-timeout and --header-timeout > 0")
     from ..engine.engine import LLM
@@ -48,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     path = model_path(args)
     llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.max_model_len, compile=args.compile)
+              max_model_len=args.max_model_len, compile=args.compile,
+              max_images_per_prompt=args.max_images_per_prompt, allowed_local_media_path=args.allowed_local_media_path)
+    if args.max_body_bytes is None:
+        args.max_body_bytes = 20 << 20 if llm.supports_images else 1 << 20
     if llm.compiled:
         print("blockdiff: compiling (1-2 minutes)...", file=sys.stderr, flush=True)
         llm.warm_up()

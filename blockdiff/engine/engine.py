@@ -2,6 +2,9 @@
 
     llm = LLM("path/to/model")
     outs = llm.generate(["Once upon a time"], SamplingParams(max_tokens=64, seed=0))
+    outs = llm.generate({"prompt": "<|image|> What is this?", "multi_modal_data": {"image": pil_image}})
+    outs = llm.chat([{"role": "user", "content": [{"type": "image", "image": pil_image},
+                                                  {"type": "text", "text": "What is this?"}]}])
     for out in llm.stream("Hello", SamplingParams(max_tokens=64)): print(out.delta_text, end="")
 
 Requests are batched continuously. `step()` is three calls: the scheduler's `schedule()` (admit,
@@ -22,9 +25,11 @@ import torch
 
 from ..checkpoint import load_model
 from ..hardware import auto_dtype, reuse_freed_memory
+from ..image_prompt import prefix_keys
 from ..model.transformer import DiffusionGemma
 from ..tokenizer import Tokenizer
 from .compiled import compile_model
+from .input_processor import InputProcessor, PromptInputs
 from .output import OutputProcessor
 from .request import CanvasFrame, Request, RequestOutput, SamplingParams
 from .runner import ModelRunner
@@ -35,7 +40,8 @@ class LLM:
     def __init__(self, model: str | Path | DiffusionGemma, tokenizer: Tokenizer | str | Path | None = None,
                  dtype: str | torch.dtype | None = None, device: str = "cpu", max_num_seqs: int = 16,
                  max_model_len: int = 2048, sampler_memory_mb: float = 256, attention: str = "eager",
-                 compile: bool | None = None):
+                 compile: bool | None = None, max_images_per_prompt: int = 4,
+                 allowed_local_media_path: str | Path | None = None):
         """`model`: a checkpoint directory (loaded in `dtype`, default bf16 where fast) or a model object
         used as it is (in place, its experts switch to grouped matmuls: same values, another memory
         layout). `attention`: 'eager' (default) keeps every row's arithmetic independent of the
@@ -44,10 +50,15 @@ class LLM:
         `compile`: torch.compile the model's layers (in place, see `compiled.py`) and the sampler,
         fusing their small elementwise kernels, after a one-off compile (minutes on a small CPU; the
         README's benchmark table has the speedups measured). Default (None): on for CUDA, off on
-        CPU. Eager is the tested reference path."""
+        CPU. Eager is the tested reference path. A model with a vision tower takes images (see
+        `input_processor.py`), at most `max_images_per_prompt` per prompt, `file://` image URLs only
+        under `allowed_local_media_path`; its image processor settings come from the checkpoint
+        directory."""
+        model_dir = None
         if isinstance(model, DiffusionGemma):
             self.model = model
         else:
+            model_dir = model
             self.model = load_model(model, dtype=dtype or auto_dtype(device), device=device)
             self.model.set_attention_impl(attention)
             tokenizer = tokenizer if tokenizer is not None else model
@@ -64,6 +75,8 @@ class LLM:
                                   compile_sampler=self.compiled)
         eos_ids = set(cfg.eos_ids) | (set(self.tokenizer.eos_ids) if self.tokenizer else set())
         self.output = OutputProcessor(self._decode, eos_ids)
+        self.inputs = InputProcessor.for_model(self.tokenizer, cfg, model_dir, max_images_per_prompt,
+                                               allowed_local_media_path)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.frames: list[CanvasFrame] = []     # frames of the last step, for requests that asked
@@ -72,17 +85,14 @@ class LLM:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer else ""
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | list[int] | dict | PromptInputs, params: SamplingParams | None = None,
                     request_id: str | None = None, frames: bool = False) -> str:
-        """Queue a request (text or token ids). With `frames`, every denoising step of its canvases
-        is published in `self.frames` after the `step()` that ran it."""
+        """Queue a request: text, token ids, a vLLM-style dict with `multi_modal_data`, or prepared
+        `PromptInputs`. With `frames`, every denoising step of its canvases is published in
+        `self.frames` after the `step()` that ran it."""
         params = params or SamplingParams()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass token ids")
-            ids, text = self.tokenizer.encode(prompt), prompt
-        else:
-            ids, text = [int(t) for t in prompt], None
+        inputs = prompt if isinstance(prompt, PromptInputs) else self.inputs.process(prompt)
+        ids, text = inputs.ids, inputs.text
         vocab = self.model.config.vocab_size
         if not ids or min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt must be non-empty with token ids in [0, {vocab})")
@@ -90,7 +100,9 @@ class LLM:
         if request_id in self.requests:
             raise ValueError(f"duplicate request_id {request_id!r}")
         seed = params.seed if params.seed is not None else random.randrange(2**62)
-        req = Request(request_id, ids, params, seed, prompt=text, frames=frames)
+        keys = prefix_keys(ids, inputs.images, self.model.config.image_token_id) if inputs.images else None
+        req = Request(request_id, ids, params, seed, prompt=text, frames=frames, images=inputs.images,
+                      prefix_keys=keys)
         self.scheduler.add(req)
         self.requests[request_id] = req
         return request_id
@@ -117,6 +129,10 @@ class LLM:
     @property
     def num_slots(self) -> int:
         return self.scheduler.num_slots
+
+    @property
+    def supports_images(self) -> bool:
+        return self.inputs.processor is not None
 
     @property
     def limits(self) -> tuple[int, int, int]:
@@ -153,7 +169,7 @@ class LLM:
 
     # ---- convenience ---------------------------------------------------------------------------------
     def _add_all(self, prompts, sampling_params) -> list[str]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict, PromptInputs)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
@@ -169,6 +185,12 @@ class LLM:
                 if out.finished:
                     final[out.request_id] = out
         return [final[rid] for rid in ids]
+
+    def chat(self, messages: list, sampling_params: SamplingParams | list | None = None) -> list[RequestOutput]:
+        """Run one conversation (a list of {"role", "content"} messages; content may hold image parts)
+        or a list of conversations through the chat template, to completion."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.inputs.chat(c) for c in conversations], sampling_params)
 
     def warm_up(self) -> None:
         """Run the shapes a compiled engine meets (one and several rows, prefill, denoise, commit) so

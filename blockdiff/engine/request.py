@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from ..diffusion.params import DiffusionParams, check_bool, check_int, check_number
 
@@ -70,6 +71,8 @@ class Request:
     seed: int
     prompt: str | None = None
     frames: bool = False        # emit a CanvasFrame after every denoising step
+    images: Any = None          # image_prompt.ImageInputs for the prompt's image tokens, or None
+    prefix_keys: list | None = None   # prompt ids with image tokens keyed by image content (prefix reuse)
     status: Status = Status.WAITING
     slot: int | None = None
     # scheduler: position in the canvas loop
@@ -92,6 +95,11 @@ class Request:
     def context_len(self) -> int:
         """Positions whose K/V are in the slot: the prompt plus every committed canvas."""
         return len(self.prompt_ids) + len(self.committed_ids)
+
+    @property
+    def cache_keys(self) -> list:
+        """What the slot allocator matches prefixes on: the prompt ids, images keyed by content."""
+        return self.prefix_keys if self.prefix_keys is not None else self.prompt_ids
 
     @property
     def finished(self) -> bool:

@@ -6,6 +6,8 @@ index. `execute(batch)` runs one `ScheduledBatch` and returns a `StepResult`:
 - `prefill(slot, ids, start)`: encode a prompt's uncached tokens into a slot;
 - `commit(slots, lengths, tokens)`: encode finished canvases into their slots and start new ones;
 - `denoise(slots, lengths)`: one batched denoising step for many slots (one host sync a step).
+Images run through the vision tower at admission, once for all the step's prefills (every image
+has the processor's padded patch count), and fill their requests' image tokens in the prefill.
 Fault isolation: if a batched call raises, its rows are run one by one, and only the rows that
 still raise are reported failed; the others' results stand (a row's arithmetic does not depend on
 the batch, see the engine's batch-invariance tests).
@@ -21,6 +23,7 @@ import torch
 from ..diffusion.sampler import RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core
 from ..diffusion.noise import INIT, hash_tokens
 from ..diffusion.params import MAX_STABILITY
+from ..image_prompt import image_spans
 from ..model.slot_cache import SlotCache, SlotDecodeContext, SlotEncodeContext
 from .request import Request, SamplingParams
 from .scheduler import ScheduledBatch, StepResult
@@ -72,20 +75,24 @@ class ModelRunner:
         self.cache.copy_prefix(src, dst, length)
 
     @torch.no_grad()
-    def prefill(self, slot: int, ids: list[int], start: int) -> None:
-        """Encode prompt tokens ids at positions [start, start + len(ids)) of `slot`."""
+    def prefill(self, slot: int, ids: list[int], start: int, image_embeds: torch.Tensor | None = None) -> None:
+        """Encode prompt tokens ids at positions [start, start + len(ids)) of `slot`; `image_embeds`
+        (n, H) fill their image tokens."""
         if ids:
             t = torch.tensor([ids], device=self.device)
             slots = torch.tensor([slot], device=self.device)
             starts = torch.tensor([start], device=self.device)
-            self._encode(t, slots, starts, start + len(ids))
+            self._encode(t, slots, starts, start + len(ids), image_embeds)
         self._new_canvas(torch.tensor([slot], device=self.device))
 
-    def _encode(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, span: int) -> None:
+    def _encode(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, span: int,
+                image_embeds: torch.Tensor | None = None) -> None:
         cfg = self.model.config
         positions = starts[:, None] + torch.arange(ids.shape[1], device=self.device)
-        ctx = SlotEncodeContext(self.cache, slots, starts, ids.shape[1], span, cfg.sliding_window, self.model.dtype)
-        self.model.encode_with(ids, positions, ctx)
+        blocks = self.model.image_blocks(ids) if image_embeds is not None else None
+        ctx = SlotEncodeContext(self.cache, slots, starts, ids.shape[1], span, cfg.sliding_window, self.model.dtype,
+                                blocks)
+        self.model.encode_with(ids, positions, ctx, image_embeds=image_embeds)
 
     def _new_canvas(self, slots: torch.Tensor) -> None:
         self.canvas_idx[slots] += 1
@@ -102,8 +109,11 @@ class ModelRunner:
     # ---- one scheduled batch ----------------------------------------------------------------------
     def execute(self, batch: ScheduledBatch) -> StepResult:
         result = StepResult()
+        embeds = self._image_embeds(batch.prefills, result)
         for request, alloc in batch.prefills:
-            self._isolated([request], result, lambda rows, r=request, a=alloc: self._prefill_request(r, a))
+            if request.request_id not in result.failed:
+                self._isolated([request], result, lambda rows, r=request, a=alloc: self._prefill_request(
+                    r, a, embeds.get(r.request_id)))
         commits = [c for c in batch.commits if c.request.request_id not in result.failed]
         self._isolated([c.request for c in commits], result, lambda rows: self.commit(
             [commits[i].request.slot for i in rows], [commits[i].start for i in rows], [commits[i].tokens for i in rows]))
@@ -128,11 +138,34 @@ class ModelRunner:
             except Exception:                          # noqa: BLE001
                 _fail(r, result)
 
-    def _prefill_request(self, request: Request, alloc) -> None:
+    def _prefill_request(self, request: Request, alloc, image_embeds: torch.Tensor | None) -> None:
         self.assign(request.slot, request.params, request.seed)
         if alloc.copy_from is not None:
             self.copy_prefix(alloc.copy_from, request.slot, alloc.reuse)
-        self.prefill(request.slot, request.prompt_ids[alloc.reuse:], alloc.reuse)
+        self.prefill(request.slot, request.prompt_ids[alloc.reuse:], alloc.reuse, image_embeds)
+
+    @torch.no_grad()
+    def _image_embeds(self, prefills: list, result: StepResult) -> dict[str, torch.Tensor]:
+        """Soft tokens (n_i, H) of the images each admitted request still has to encode (those after
+        its reused prefix; a prefix never ends inside an image, whose keys are its content), from one
+        vision-tower call; if it fails, one call per request, failing only the requests that raise."""
+        todo = []
+        for request, alloc in prefills:
+            if request.images:
+                spans = image_spans(request.prompt_ids, self.model.config.image_token_id)
+                first = sum(end <= alloc.reuse for _, end in spans)
+                if first < len(request.images):
+                    todo.append((request, request.images.select(first)))
+        out: dict[str, torch.Tensor] = {}
+
+        def run(rows: list[int]) -> None:
+            parts = [todo[i][1] for i in rows]
+            feats = self.model.image_features(torch.cat([p.pixel_values for p in parts]),
+                                              torch.cat([p.image_position_ids for p in parts]))
+            for i, f in zip(rows, feats.split([sum(p.num_soft_tokens) for p in parts])):
+                out[todo[i][0].request_id] = f
+        self._isolated([r for r, _ in todo], result, run)
+        return out
 
     def _denoise_into(self, requests: list[Request], result: StepResult) -> None:
         use_k = any(r.params.top_k > 0 for r in requests)

@@ -73,7 +73,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch(prefills=self._admit())
         for request, alloc in batch.prefills:
-            self.kv.extend(request.slot, request.prompt_ids[alloc.reuse:])
+            self.kv.extend(request.slot, request.cache_keys[alloc.reuse:])
         for request in self.running:
             if request.pending_commit is not None:
                 batch.commits.append(Commit(request, request.context_len, request.pending_commit))
@@ -87,7 +87,7 @@ class Scheduler:
         admitted = []
         while self.waiting and self.kv.num_free:
             request = self.waiting.popleft()
-            alloc = self.kv.allocate(request.prompt_ids)
+            alloc = self.kv.allocate(request.cache_keys)
             request.slot, request.status = alloc.slot, Status.RUNNING
             self.running.append(request)
             admitted.append((request, alloc))

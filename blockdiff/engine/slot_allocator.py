@@ -5,7 +5,9 @@ a slot keeps the token ids whose K/V it holds, also after its request finished, 
 prompt takes the free slot sharing its longest prefix (reusing those positions as they are), or
 copies the shared prefix from a busy slot (e.g. the sibling requests of `n > 1`), so a prompt's
 shared part is never recomputed. K/V depend only on the tokens and their positions, so any
-matching prefix is exact, for full and sliding layers alike.
+matching prefix is exact, for full and sliding layers alike. Tokens are compared as keys: the ids,
+except that image tokens are keyed by their image's content (`Request.cache_keys`), so two prompts
+share an image's K/V only when the images are equal.
 """
 from __future__ import annotations
 

@@ -121,8 +121,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     _add_error_handlers(app)
 
     def prepare(raw: bytes, kind: type):
-        """Parse, tokenize and render templates: CPU work kept off the event loop."""
-        return build_plan(parse_request(raw, kind), llm.tokenizer, limits, config.model_name)
+        """Parse, tokenize, render templates and process images: CPU work kept off the event loop."""
+        return build_plan(parse_request(raw, kind), llm.inputs, limits, config.model_name)
 
     async def generate(request: Request, kind: type):
         plan = await asyncio.to_thread(prepare, await request.body(), kind)

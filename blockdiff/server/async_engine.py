@@ -158,7 +158,7 @@ class AsyncEngine:
                 return
             for rid, choice in items:
                 try:        # plan.py checked everything the engine checks, so this is a server bug
-                    self.llm.add_request(choice.prompt_ids, choice.params, request_id=rid, frames=frames)
+                    self.llm.add_request(choice.prompt, choice.params, request_id=rid, frames=frames)
                 except ValueError as e:
                     log.exception("add_request refused a planned request")
                     self._abort([r for r, _ in items], count=False)

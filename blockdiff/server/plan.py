@@ -6,7 +6,9 @@ sees a request it rejects). Conventions:
 - Choice `j` of prompt `p` has index `p * n + j` (OpenAI's order) and, when the request has a
   seed, seed `seed + index`: the same request with the same seed gives the same choices.
 - Chat prompts are the tokenizer's chat template (`Tokenizer.apply_chat_template`; without a
-  template in tokenizer_config.json, the documented Gemma-style fallback) encoded with BOS.
+  template in tokenizer_config.json, the documented Gemma-style fallback) encoded with BOS. Image
+  parts are decoded and processed here (the engine's `InputProcessor`): a bad image, a remote URL,
+  too many images or images for a text-only model are 400s naming the problem.
 - `max_tokens` (chat: also `max_completion_tokens`) is exact. Defaults: 16 for completions (as
   OpenAI); for chat, everything the context has room for, in whole canvases.
 """
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine.input_processor import InputProcessor, PromptInputs
 from ..engine.request import SamplingParams
-from ..tokenizer import Tokenizer
+from ..image_prompt import ImageInputs
 from .protocol import KNOBS, ApiError, ChatCompletionRequest, CompletionRequest, FrameOptions
 
 
@@ -35,6 +38,12 @@ class Choice:
     index: int
     prompt_ids: list[int]
     params: SamplingParams
+    images: ImageInputs | None = None
+
+    @property
+    def prompt(self) -> list[int] | PromptInputs:
+        """What the engine's `add_request` takes."""
+        return PromptInputs(self.prompt_ids, None, self.images) if self.images else self.prompt_ids
 
 
 @dataclass(frozen=True)
@@ -48,16 +57,19 @@ class Plan:
     frames: FrameOptions | None
 
 
-def build_plan(req: CompletionRequest | ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits,
+def build_plan(req: CompletionRequest | ChatCompletionRequest, inputs: InputProcessor, limits: Limits,
                model_name: str) -> Plan:
     if req.model != model_name:
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
                        param="model", code="model_not_found")
+    images = None
     if isinstance(req, ChatCompletionRequest):
-        kind, param, prompts = "chat", "messages", [_chat_ids(req, tokenizer)]
+        chat = _chat_inputs(req, inputs)
+        kind, param, prompts, images = "chat", "messages", [chat.ids], chat.images
         max_tokens = req.max_completion_tokens or req.max_tokens
     else:
-        kind, param, prompts = "completion", "prompt", _completion_ids(req.prompt, tokenizer, limits.vocab_size)
+        kind, param = "completion", "prompt"
+        prompts = _completion_ids(req.prompt, inputs, limits.vocab_size)
         max_tokens = req.max_tokens
     choices = []
     for p, ids in enumerate(prompts):
@@ -72,22 +84,25 @@ def build_plan(req: CompletionRequest | ChatCompletionRequest, tokenizer: Tokeni
                            code="context_length_exceeded")
         for j in range(req.n):
             index = p * req.n + j
-            choices.append(Choice(index, ids, _sampling_params(req, max_tokens or room, index)))
+            choices.append(Choice(index, ids, _sampling_params(req, max_tokens or room, index), images))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Plan(kind, model_name, choices, sum(len(ids) for ids in prompts), req.stream, include_usage,
                 req.blockdiff_frames)
 
 
-def _chat_ids(req: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+def _chat_inputs(req: ChatCompletionRequest, inputs: InputProcessor) -> PromptInputs:
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.template_content()}
+                for m in req.messages]
     try:
-        text = tokenizer.apply_chat_template(messages)
+        return inputs.chat(messages)
+    except ValueError as e:          # images: undecodable, remote, too many, or a text-only model
+        raise ApiError(400, str(e), param="messages", code="invalid_value") from None
     except Exception as e:           # a Jinja template may raise on roles it does not support
         raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
-    return tokenizer.encode(text)
 
 
-def _completion_ids(prompt, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
+def _completion_ids(prompt, inputs: InputProcessor, vocab_size: int) -> list[list[int]]:
+    tokenizer = inputs.tokenizer
     if isinstance(prompt, str):
         prompts = [tokenizer.encode(prompt)]
     elif all(isinstance(x, str) for x in prompt):
@@ -103,6 +118,11 @@ def _completion_ids(prompt, tokenizer: Tokenizer, vocab_size: int) -> list[list[
             raise ApiError(400, "a prompt encodes to no tokens", param="prompt", code="invalid_value")
         if min(ids) < 0 or max(ids) >= vocab_size:
             raise ApiError(400, f"token ids must be in [0, {vocab_size})", param="prompt", code="invalid_value")
+        try:
+            inputs.process(ids)          # image placeholders without images
+        except ValueError as e:
+            raise ApiError(400, f"{e} (send images as chat image_url parts)", param="prompt",
+                           code="invalid_value") from None
     return prompts
 
 

@@ -13,6 +13,8 @@ pydantic model or raises `ApiError` (status 400) whose message names the offendi
   (max_denoising_steps, fixed_steps, entropy_bound, t_min, t_max, confidence_threshold,
   stability_threshold, top_k, ignore_eos). The openai client sends them with `extra_body={...}`.
 - `blockdiff_frames: {"max_fps": 20}` asks a streaming request for live denoising frames.
+- Chat content parts are `text` and `image_url` (`{"url": "data:image/png;base64,..."}`); what an
+  image URL may be is checked when the prompt is built (plan.py), not here.
 """
 from __future__ import annotations
 
@@ -107,12 +109,25 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageUrl(_Strict):
+    url: str                                     # data:image/png|jpeg|webp;base64,... (or file:// if allowed)
+    detail: Literal["auto", "low", "high"] | None = None    # accepted; the processor's budget decides
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart | ImagePart]
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    def template_content(self) -> str | list[dict]:
+        """What the chat template gets: the text, or text and image parts in order."""
+        if isinstance(self.content, str):
+            return self.content
+        return [p.model_dump(exclude_none=True) for p in self.content]
 
 
 class ChatCompletionRequest(_Common):

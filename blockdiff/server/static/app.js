@@ -26,10 +26,16 @@ async function loadModel() {
   }
 }
 
-function addMessage(role, text) {
+function addMessage(role, text, imageUrl) {
   const div = document.createElement("div");
   div.className = "msg " + role;
   div.textContent = text;
+  if (imageUrl) {
+    const img = document.createElement("img");
+    img.src = imageUrl;
+    img.alt = "attached image";
+    div.prepend(img);
+  }
   $("messages").appendChild(div);
   $("messages").scrollTop = $("messages").scrollHeight;
   return div;
@@ -104,10 +110,30 @@ function showTimings(usage, t) {
     `${f(t.in_step_tokens_per_second)} tok/s in steps · first canvas ${f(t.time_to_first_token_s, 2)} s`;
 }
 
+// The attached image as a data URL (the server fetches nothing), or null.
+function readImage() {
+  const file = $("image").files[0];
+  if (!file) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("could not read " + file.name));
+    reader.readAsDataURL(file);
+  });
+}
+
+function clearImage() {
+  $("image").value = "";
+  $("attach").classList.remove("has-image");
+}
+
 async function send(text) {
   if (!modelName) await loadModel();
-  conversation.push({ role: "user", content: text });
-  addMessage("user", text);
+  const imageUrl = await readImage().catch((e) => { addMessage("error", e.message); return null; });
+  clearImage();
+  const content = imageUrl ? [{ type: "image_url", image_url: { url: imageUrl } }, { type: "text", text: text }] : text;
+  conversation.push({ role: "user", content: content });
+  addMessage("user", text, imageUrl);
   const bubble = addMessage("assistant", "");
   $("committed").textContent = "";
   $("status").textContent = "streaming";
@@ -155,5 +181,6 @@ $("chat-form").addEventListener("submit", (ev) => {
 $("prompt").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("chat-form").requestSubmit(); }
 });
+$("image").addEventListener("change", () => $("attach").classList.toggle("has-image", $("image").files.length > 0));
 $("api-key").addEventListener("change", loadModel);
 loadModel();

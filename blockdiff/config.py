@@ -35,6 +35,13 @@ class ConfigError(ValueError):
     """A config.json that blockdiff cannot use; the message names the field."""
 
 
+def check_positive(obj, names, what: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{what} '{name}' must be a positive integer, got {value!r}")
+
+
 @dataclass
 class VisionConfig:
     """The Gemma 4 vision tower (`model_type "gemma4_vision"`); defaults are transformers' class defaults."""
@@ -56,10 +63,7 @@ class VisionConfig:
     extra: dict[str, Any] = field(default_factory=dict)    # unknown keys, kept for the round trip
 
     def __post_init__(self) -> None:
-        for name in VISION_INTS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"vision_config field '{name}' must be a positive integer, got {value!r}")
+        check_positive(self, VISION_INTS, "vision_config field")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("vision_config 'num_attention_heads' is not a multiple of 'num_key_value_heads'")
         if self.head_dim % 4:
@@ -150,12 +154,10 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window", "num_experts",
-                     "top_k_experts", "moe_intermediate_size", "canvas_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field '{name}' must be a positive integer, got {value!r}")
+        check_positive(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads", "num_key_value_heads", "head_dim", "global_head_dim",
+                              "sliding_window", "num_experts", "top_k_experts", "moe_intermediate_size",
+                              "canvas_length"), "config field")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"config field 'layer_types' has {len(self.layer_types)} entries, "
                               f"expected num_hidden_layers={self.num_hidden_layers}")

@@ -29,7 +29,7 @@ def test_transformers_round_trip_keeps_every_tensor(hf_dirs, tmp_path):
     ours = blockdiff.load_model(path)
     ours.save_pretrained(tmp_path / "rt")
     original, saved = load_file(path / "model.safetensors"), load_file(tmp_path / "rt" / "model.safetensors")
-    assert set(saved) == set(original)                 # vision tensors copied through, no extra keys
+    assert set(saved) == set(original)                 # vision tensors loaded and written back, no extra keys
     for key, tensor in original.items():
         assert torch.equal(saved[key], tensor), key
     again = json.loads((tmp_path / "rt" / "config.json").read_text())

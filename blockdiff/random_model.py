@@ -1,9 +1,9 @@
 """A tiny random DiffusionGemma checkpoint with a byte-level tokenizer, made locally, no download.
 
-Used by `blockdiff generate` when no trained model is available, and by tests and benchmarks that
-need a real checkpoint directory. The text it writes is noise: its weights are random. With a vision
-config (`tiny_vision_config()`) it is multimodal: the tokenizer gains the three image tokens after
-the bytes, the config's image token ids point at them, and a `preprocessor_config.json` is written.
+Used by tests and benchmarks that need a real checkpoint directory. The text it writes is noise: its
+weights are random. With a vision config (`tiny_vision_config()`) it is multimodal: the tokenizer
+gains the three image tokens after the bytes, the config's image token ids point at them, and a
+`preprocessor_config.json` is written.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from .config import ModelConfig
 from .image_processor import ImageProcessor
 from .model.init import init_weights
 from .model.transformer import DiffusionGemma
+from .tokenizer import SPECIAL_TOKENS
 
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]   # ids 0..4
 IMAGE_SPECIALS = {"boi_token_id": "<|image>", "image_token_id": "<|image|>", "eoi_token_id": "<image|>"}
 # Sides of up to 140 patches: the longest grid at 70 soft tokens (p=4, k=2); wider needs more rows.
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -38,7 +38,7 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def tiny_vision_config(**overrides) -> ModelConfig:
     """`tiny_config` with a small vision tower whose image tokens bidirectionally attend, as released."""
-    base = dict(vocab_size=len(SPECIALS) + 256 + len(IMAGE_SPECIALS), vision_config=dict(TINY_VISION))
+    base = dict(vocab_size=len(SPECIAL_TOKENS) + 256 + len(IMAGE_SPECIALS), vision_config=dict(TINY_VISION))
     base.update(overrides)
     config = tiny_config(**base)
     config.text_extra["use_bidirectional_attention"] = "vision"
@@ -49,12 +49,12 @@ def byte_tokenizer(extra_specials: tuple[str, ...] = ()) -> Tokenizer:
     """Byte-level BPE without merges: one token per byte, plus the special tokens at ids 0..4 and
     `extra_specials` after the bytes."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    vocab.update({ch: len(SPECIALS) + i for i, ch in enumerate(sorted(alphabet))})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({ch: len(SPECIAL_TOKENS) + i for i, ch in enumerate(sorted(alphabet))})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS + list(extra_specials))
+    tok.add_special_tokens(list(SPECIAL_TOKENS) + list(extra_specials))
     return tok
 
 

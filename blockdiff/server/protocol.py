@@ -101,7 +101,7 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(16, ge=1)     # OpenAI's default for completions
 
 
-PART_TYPES = ("text",)
+PART_TYPES = ("text", "image_url")
 
 
 class TextPart(_Strict):

@@ -107,3 +107,21 @@ def test_bad_image_requests_are_value_errors(mm_path, tmp_path):
     text_only = LLM(create_random_model(tmp_path / "t"), dtype="float32")
     with pytest.raises(ValueError, match="takes text only"):
         text_only.generate({"prompt": "<|image|>", "multi_modal_data": {"image": picture(9, 9, 1)}}, SP)
+
+
+def test_cli_generate_with_an_image(mm_path, tmp_path):
+    from test_generation import cli
+    png = tmp_path / "p.png"
+    picture(25, 35, 9).save(png)
+    args = ["--model", str(mm_path), "--max-tokens", "8", "--max-denoising-steps", "2", "--seed", "4",
+            "--dtype", "float32"]
+    run = cli("generate", "What is this?", "--chat", "--image", str(png), *args)
+    assert run.returncode == 0, run.stderr
+    llm = LLM(mm_path, dtype="float32")
+    messages = [{"role": "user", "content": [{"type": "image", "image": png.read_bytes()},
+                                             {"type": "text", "text": "What is this?"}]}]
+    want = llm.chat(messages, SamplingParams(max_tokens=8, max_denoising_steps=2, seed=4))[0]
+    assert run.stdout == want.text + "\n"
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    run = cli("generate", "x", "--image", str(tmp_path / "bad.png"), *args)
+    assert run.returncode == 2 and "image data" in run.stderr and "Traceback" not in run.stderr

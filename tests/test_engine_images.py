@@ -52,14 +52,13 @@ def test_engine_with_image_equals_reference(mm_path):
 
 def test_images_batch_and_prefix_reuse_keys_on_content(mm_path):
     """Requests with different images share the text prefix only; equal images share the image too.
-    Every answer equals the same request run alone in a fresh engine."""
+    Every answer equals the same request run alone."""
     prompts = [{"prompt": "Describe <|image|> now", "multi_modal_data": {"image": picture(40, 40, s)}}
                for s in (5, 6, 5)]
-    llm = LLM(mm_path, dtype="float32", max_num_seqs=4)
+    llm, solo = LLM(mm_path, dtype="float32", max_num_seqs=4), LLM(mm_path, dtype="float32", max_num_seqs=1)
     together = llm.generate(prompts, SP)
-    for prompt, out in zip(prompts, together):
-        assert LLM(mm_path, dtype="float32").generate(prompt, SP)[0].token_ids == out.token_ids
-    assert together[0].token_ids == together[2].token_ids != together[1].token_ids
+    alone = [solo.generate(p, SP)[0].token_ids for p in prompts[:2]]           # one request at a time
+    assert [o.token_ids for o in together] == [alone[0], alone[1], alone[0]] and alone[0] != alone[1]
     image_id = llm.model.config.image_token_id
     other = {"prompt": "Describe <|image|> now", "multi_modal_data": {"image": picture(40, 40, 7)}}
     for prompt, reused in ((prompts[1], "image"), (other, "text")):
@@ -68,7 +67,7 @@ def test_images_batch_and_prefix_reuse_keys_on_content(mm_path):
         alloc = copy.deepcopy(llm.scheduler.kv).allocate(keys)
         first_image = inputs.ids.index(image_id)
         assert alloc.reuse == (len(inputs.ids) if reused == "image" else first_image)
-        fresh = LLM(mm_path, dtype="float32").generate(prompt, SP)[0]
+        fresh = solo.generate(prompt, SP)[0] if reused == "text" else together[1]
         assert llm.generate(prompt, SP)[0].token_ids == fresh.token_ids     # through the reused prefix
 
 
@@ -109,19 +108,19 @@ def test_bad_image_requests_are_value_errors(mm_path, tmp_path):
         text_only.generate({"prompt": "<|image|>", "multi_modal_data": {"image": picture(9, 9, 1)}}, SP)
 
 
-def test_cli_generate_with_an_image(mm_path, tmp_path):
-    from test_generation import cli
+def test_cli_generate_with_an_image(mm_path, tmp_path, capsys):
+    """`generate --chat --image` prints what `LLM.chat` gives for the same image bytes."""
+    from blockdiff.cli import main
     png = tmp_path / "p.png"
     picture(25, 35, 9).save(png)
     args = ["--model", str(mm_path), "--max-tokens", "8", "--max-denoising-steps", "2", "--seed", "4",
             "--dtype", "float32"]
-    run = cli("generate", "What is this?", "--chat", "--image", str(png), *args)
-    assert run.returncode == 0, run.stderr
+    assert main(["generate", "What is this?", "--chat", "--image", str(png), *args]) == 0
     llm = LLM(mm_path, dtype="float32")
     messages = [{"role": "user", "content": [{"type": "image", "image": png.read_bytes()},
                                              {"type": "text", "text": "What is this?"}]}]
     want = llm.chat(messages, SamplingParams(max_tokens=8, max_denoising_steps=2, seed=4))[0]
-    assert run.stdout == want.text + "\n"
+    assert capsys.readouterr().out == want.text + "\n"
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    run = cli("generate", "x", "--image", str(tmp_path / "bad.png"), *args)
-    assert run.returncode == 2 and "image data" in run.stderr and "Traceback" not in run.stderr
+    assert main(["generate", "x", "--image", str(tmp_path / "bad.png"), *args]) == 2
+    assert "blockdiff: error: image data" in capsys.readouterr().err

@@ -8,7 +8,11 @@ sees a request it rejects). Conventions:
 - Chat prompts are the tokenizer's chat template (`Tokenizer.apply_chat_template`; without a
   template in tokenizer_config.json, the documented Gemma-style fallback) encoded with BOS.
 - `max_tokens` (chat: also `max_completion_tokens`) is exact. Defaults: 16 for completions (as
-  OpenAI); for chat, everything the context has room for, in whole canvases.
+  OpenAI); for chat, everything the context has room for, in whole canvases. The checkpoint's
+  generation_config `max_new_tokens` never caps either.
+- Knobs the request leaves out stay unset in its `SamplingParams`: the engine's defaults (server
+  flags, then the checkpoint's generation_config.json) fill them. They are resolved here against
+  `defaults` too, so a value that clashes with a default (t_max below the default t_min) is a 400.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ class Plan:
 
 
 def build_plan(req: CompletionRequest | ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits,
-               model_name: str) -> Plan:
+               model_name: str, defaults: SamplingParams | None = None) -> Plan:
     if req.model != model_name:
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
                        param="model", code="model_not_found")
@@ -72,7 +76,7 @@ def build_plan(req: CompletionRequest | ChatCompletionRequest, tokenizer: Tokeni
                            code="context_length_exceeded")
         for j in range(req.n):
             index = p * req.n + j
-            choices.append(Choice(index, ids, _sampling_params(req, max_tokens or room, index)))
+            choices.append(Choice(index, ids, _sampling_params(req, max_tokens or room, index, defaults)))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Plan(kind, model_name, choices, sum(len(ids) for ids in prompts), req.stream, include_usage,
                 req.blockdiff_frames)
@@ -106,11 +110,12 @@ def _completion_ids(prompt, tokenizer: Tokenizer, vocab_size: int) -> list[list[
     return prompts
 
 
-def _sampling_params(req, max_tokens: int, index: int) -> SamplingParams:
+def _sampling_params(req, max_tokens: int, index: int, defaults: SamplingParams | None) -> SamplingParams:
     knobs = {k: getattr(req, k) for k in KNOBS if getattr(req, k) is not None}
     seed = None if req.seed is None else req.seed + index
     try:
-        return SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, **knobs)
+        params = SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, **knobs)
+        return params.with_defaults(defaults or SamplingParams.built_in())
     except ValueError as e:          # cross-field rules, e.g. t_max > t_min: the message names the field
         field = str(e).split()[0]
         raise ApiError(400, str(e), param=field if field in KNOBS else None, code="invalid_value") from None

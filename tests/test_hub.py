@@ -1,5 +1,7 @@
 """Hub ids, generation_config.json defaults, memory check and bad checkpoints; no network (offline cache)."""
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +58,7 @@ def test_paths_and_non_ids(tmp_path):
 def test_llm_loads_by_hub_id_like_by_path(hub_cache, release_dir):
     by_id = blockdiff.LLM(REPO, dtype="float32", max_num_seqs=1, max_model_len=64)
     by_path = blockdiff.LLM(release_dir, dtype="float32", max_num_seqs=1, max_model_len=64)
-    sp = SamplingParams(max_tokens=8, seed=3, ignore_eos=True)
+    sp = SamplingParams(max_tokens=8, seed=3, ignore_eos=True, max_denoising_steps=2)
     assert by_id.generate("hello", sp)[0].token_ids == by_path.generate("hello", sp)[0].token_ids
     assert by_id.tokenizer.vocab_size == 262144
 
@@ -108,10 +110,10 @@ def test_a_request_clashing_with_a_default_names_the_field():
 
 def test_max_new_tokens_is_a_default_not_a_cap(release_dir):
     llm = blockdiff.LLM(release_dir, dtype="float32", max_num_seqs=1, max_model_len=128)
-    unset, more = llm.generate(["hello"] * 2, [SamplingParams(seed=1, ignore_eos=True),
-                                              SamplingParams(seed=1, ignore_eos=True, max_tokens=40)])
+    fast = dict(seed=1, ignore_eos=True, max_denoising_steps=1)
+    unset, more = llm.generate(["hello"] * 2, [SamplingParams(**fast), SamplingParams(max_tokens=21, **fast)])
     assert len(unset.token_ids) == GENERATION["max_new_tokens"] == 16
-    assert len(more.token_ids) == 40
+    assert len(more.token_ids) == 21
 
 
 def test_eos_outside_vocabulary_is_rejected(release_dir, tmp_path):
@@ -151,14 +153,16 @@ def broken_copies(release_dir, tmp_path):
             "bad_template": (bad_template, "chat template failed to render")}
 
 
-def test_bad_inputs_are_one_line_exit_2(release_dir, tmp_path, hub_cache):
+def test_bad_inputs_are_one_line_exit_2(release_dir, tmp_path, hub_cache, capsys):
     cases = broken_copies(release_dir, tmp_path)
     runs = [(["--model", "google/no-such-model"], "not in the Hugging Face cache"),
             (["--model", str(release_dir), "--chat-template", str(tmp_path / "nope.jinja")], "nope.jinja"),
             *[(["--model", str(path), "--chat"], message) for path, message in cases.values()]]
     for args, message in runs:
-        run = cli("generate", "x", "--max-tokens", "1", "--max-denoising-steps", "1", *args)
-        assert run.returncode == 2, (args, run.stderr)
-        lines = [line for line in run.stderr.splitlines() if line.startswith("blockdiff: error:")]
-        assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
-        assert __import__("re").search(message, lines[0]), (message, lines[0])
+        assert main(["generate", "x", "--max-tokens", "1", "--max-denoising-steps", "1", *args]) == 2, args
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("blockdiff: error:")]
+        assert len(lines) == 1 and re.search(message, lines[0]), (message, err)
+    run = cli("generate", "x", "--model", "google/no-such-model", env={**os.environ})   # the real entry point
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("blockdiff: error: google/no-such-model is not in")

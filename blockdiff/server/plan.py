@@ -85,7 +85,7 @@ def build_plan(req: CompletionRequest | ChatCompletionRequest, tokenizer: Tokeni
 def _chat_ids(req: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
-        text = tokenizer.apply_chat_template(messages)
+        text = tokenizer.apply_chat_template(messages, **(req.chat_template_kwargs or {}))
     except Exception as e:           # a Jinja template may raise on roles it does not support
         raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
     return tokenizer.encode(text)

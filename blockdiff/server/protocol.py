@@ -13,6 +13,8 @@ pydantic model or raises `ApiError` (status 400) whose message names the offendi
   (max_denoising_steps, fixed_steps, entropy_bound, t_min, t_max, confidence_threshold,
   stability_threshold, top_k, ignore_eos). The openai client sends them with `extra_body={...}`.
 - `blockdiff_frames: {"max_fps": 20}` asks a streaming request for live denoising frames.
+- Chat: `chat_template_kwargs` (as vLLM) are variables for the chat template, such as
+  `{"enable_thinking": true}`.
 """
 from __future__ import annotations
 
@@ -117,6 +119,7 @@ class Message(_Strict):
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None
     max_tokens: int | None = Field(None, ge=1)   # None: as many as the context allows
     max_completion_tokens: int | None = Field(None, ge=1)
 

@@ -60,8 +60,8 @@ def _download(repo_id: str, revision: str | None, files: tuple[str, ...]) -> Pat
                                 "access") from None
     except LocalEntryNotFoundError:
         if offline():
-            raise FileNotFoundError(f"{name} is not in the Hugging Face cache ({_cache_dir(cache)}) and "
-                                    "HF_HUB_OFFLINE=1 forbids downloading it") from None
+            raise FileNotFoundError(f"{name} is not a local directory, not in the Hugging Face cache "
+                                    f"({_cache_dir(cache)}), and HF_HUB_OFFLINE=1 forbids downloading it") from None
         raise OSError(f"{name} could not be downloaded and is not in the Hugging Face cache "
                       f"({_cache_dir(cache)}): is the network reachable?") from None
     except GatedRepoError:

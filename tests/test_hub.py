@@ -43,7 +43,8 @@ def test_revision_by_branch(hub_cache, release_dir):
 
 
 def test_unknown_id_offline_is_a_clear_error(hub_cache):
-    with pytest.raises(FileNotFoundError, match="google/nothing-here is not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+    with pytest.raises(FileNotFoundError, match="google/nothing-here is not a local directory, not in the Hugging "
+                                                "Face cache .*HF_HUB_OFFLINE"):
         resolve_model("google/nothing-here")
 
 
@@ -165,4 +166,4 @@ def test_bad_inputs_are_one_line_exit_2(release_dir, tmp_path, hub_cache, capsys
         assert len(lines) == 1 and re.search(message, lines[0]), (message, err)
     run = cli("generate", "x", "--model", "google/no-such-model", env={**os.environ})   # the real entry point
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1].startswith("blockdiff: error: google/no-such-model is not in")
+    assert run.stderr.strip().splitlines()[-1].startswith("blockdiff: error: google/no-such-model is not a local")

@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .hardware import check_fits
-from .hf_layout import DTYPES, SKIP, CheckpointError, save_checkpoint, to_checkpoint, to_ours, weight_files
+from .hf_layout import (DTYPES, SKIP, CheckpointError, check_index, save_checkpoint, to_checkpoint, to_ours,
+                        weight_files)
 from .hub import METADATA_FILES, resolve_model
 from .model.transformer import DiffusionGemma
 
@@ -48,11 +49,12 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
 
 def _load_weights(model: DiffusionGemma, path: Path, torch_dtype: torch.dtype, device) -> DiffusionGemma:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state, skipped, sources = {}, 0, {}
+    state, skipped, sources, found = {}, 0, {}, {}
     for file in weight_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():
+                    found[key] = file.name
                     kind, name = to_ours(key)
                     if kind == SKIP:
                         skipped += 1
@@ -67,6 +69,7 @@ def _load_weights(model: DiffusionGemma, path: Path, torch_dtype: torch.dtype, d
                         state[name] = f.get_tensor(key).to(device=device, dtype=torch_dtype)
         except SafetensorError as err:
             raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
+    check_index(path, found)
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(to_checkpoint(n) for n in missing[:5])

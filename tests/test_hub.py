@@ -146,11 +146,17 @@ def broken_copies(release_dir, tmp_path):
     config = json.loads((disagree / "config.json").read_text())
     config["text_config"]["moe_intermediate_size"] = 24
     (disagree / "config.json").write_text(json.dumps(config))
+    stale_index = tmp_path / "stale_index"
+    shutil.copytree(release_dir, stale_index)
+    index = json.loads((stale_index / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.decoder.norm.weight"] = "model-00001-of-00002.safetensors"     # it is in 00002
+    (stale_index / "model.safetensors.index.json").write_text(json.dumps(index))
     bad_template = tmp_path / "bad_template"
     shutil.copytree(release_dir, bad_template)
     (bad_template / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }")
     return {"missing_shard": (missing_shard, "shard .* is missing"),
             "disagree": (disagree, "has shape .*expected"),
+            "stale_index": (stale_index, "index puts tensor 'model.decoder.norm.weight' in model-00001.*00002"),
             "bad_template": (bad_template, "chat template failed to render")}
 
 

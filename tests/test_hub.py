@@ -173,3 +173,18 @@ def test_bad_inputs_are_one_line_exit_2(release_dir, tmp_path, hub_cache, capsys
     run = cli("generate", "x", "--model", "google/no-such-model", env={**os.environ})   # the real entry point
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("blockdiff: error: google/no-such-model is not a local")
+
+
+def test_serve_takes_the_model_positionally_or_by_flag(release_dir):
+    from blockdiff.cli import build_parser
+    from blockdiff.cli.common import model_name, model_path, sampling_params
+
+    parse = build_parser().parse_args
+    args = parse(["serve", REPO, "--max-denoising-steps", "7", "--generation-config", "none"])
+    assert model_path(args) == REPO and model_name(REPO) == REPO and args.generation_config == "none"
+    flags = sampling_params(args)                       # the server's layer: only what was given
+    assert flags.max_denoising_steps == 7 and flags.t_min is None and flags.max_tokens is None
+    assert model_path(parse(["serve", "--model", str(release_dir)])) == str(release_dir)
+    assert model_name(str(release_dir)) == release_dir.name
+    with pytest.raises(ValueError, match="given twice"):
+        model_path(parse(["serve", REPO, "--model", str(release_dir)]))

@@ -213,7 +213,7 @@ def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
     prompts = prompts_for(batch, prompt_len, model.config.vocab_size)
     slots, lengths = list(range(batch)), [prompt_len] * batch
     for i, p in zip(slots, prompts):
-        runner.assign(i, SamplingParams(seed=i), i)
+        runner.assign(i, SamplingParams.built_in(), i)
         runner.prefill(i, p, 0)
     idx = torch.tensor(slots, device=model.device)
     from .model.slot_cache import SlotDecodeContext

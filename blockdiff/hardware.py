@@ -1,7 +1,9 @@
-"""What the device can do fast. Contract: `auto_dtype(device)` is bf16 on CUDA and on CPUs with native
-bf16 matmuls (AVX512-BF16 / AMX), else fp32 (AVX2-only CPUs run bf16 matmuls on slow fallback kernels). `--threads` for the
-commands that run a model. `reuse_freed_memory()` keeps glibc from handing large freed tensors back
-to the OS. torch is imported lazily, so that `--help` stays instant."""
+"""What the device can do fast, and hold. Contract: `auto_dtype(device)` is bf16 on CUDA and on CPUs
+with native bf16 matmuls (AVX512-BF16 / AMX), else fp32 (AVX2-only CPUs run bf16 matmuls on slow
+fallback kernels). `--threads` for the commands that run a model. `reuse_freed_memory()` keeps glibc
+from handing large freed tensors back to the OS. `check_fits(nbytes, device)` raises
+`NotEnoughMemory` when the device has less free memory than that (CUDA: the driver's free bytes;
+CPU: MemAvailable). torch is imported lazily, so that `--help` stays instant."""
 from __future__ import annotations
 
 import ctypes
@@ -9,6 +11,38 @@ import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 _reusing = False
+LIGHT_SCHEMES = ("w8a8", "w4a16", "w4a16-experts")     # `blockdiff quantize --scheme ...`
+
+
+class NotEnoughMemory(ValueError):
+    """The weights would not fit in the device's free memory; the message says how much each needs."""
+
+
+def free_memory_bytes(device) -> int | None:
+    """Free memory of `device` in bytes, or None where it cannot be read."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            return int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+    return None
+
+
+def check_fits(nbytes: int, device, what: str) -> None:
+    """Refuse before loading, not with an out-of-memory error halfway through a 50 GB load."""
+    free = free_memory_bytes(device)
+    if free is not None and nbytes > free:
+        raise NotEnoughMemory(
+            f"{what} need {nbytes / 1e9:.2f} GB on {device} and {free / 1e9:.2f} GB is free; load a light "
+            f"(quantized) version instead (`blockdiff quantize --scheme {'|'.join(LIGHT_SCHEMES)}`), "
+            "or use a device with more memory")
 
 
 def auto_dtype(device):

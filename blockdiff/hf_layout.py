@@ -6,6 +6,7 @@ Contract:
   Tied copies (`lm_head.weight`, other `model.encoder.language_model.*`) are accepted and
   shape-checked but not loaded twice. The vision tower and its embedder, `model.encoder.vision_tower.X`
   and `model.encoder.embed_vision.X`, <-> `vision_tower.X` and `embed_vision.X`.
+- `check_index` holds the shards to their index: every tensor in the shard it names, no others.
 - `save_checkpoint` writes what `transformers.DiffusionGemmaForBlockDiffusion.from_pretrained` reads:
   `config.json` + `model.safetensors`, or shards with `model.safetensors.index.json`.
 This module knows the layout, not the model class, so the model can save itself through it.
@@ -69,6 +70,21 @@ def weight_files(path: Path) -> list[Path]:
         if not f.is_file():
             raise FileNotFoundError(f"checkpoint shard {f} is missing")
     return files
+
+
+def check_index(path: Path, found: dict[str, str]) -> None:
+    """With an index, `found` (tensor -> the shard file name that holds it) must be what it says."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]          # weight_files() has validated it
+    for key, file in weight_map.items():
+        if found.get(key) != file:
+            where = f"it is in {found[key]}" if key in found else "no shard has it"
+            raise CheckpointError(f"the index puts tensor '{key}' in {file}, but {where}")
+    extra = sorted(set(found) - set(weight_map))
+    if extra:
+        raise CheckpointError(f"tensor '{extra[0]}' in {found[extra[0]]} is missing from the index")
 
 
 def save_checkpoint(model, path: str | Path, max_shard_bytes: int | None = None) -> None:

@@ -1,21 +1,27 @@
 """Tokenizer: a thin wrapper over a Hugging Face `tokenizers.Tokenizer` plus its config.
 
 Contract:
-- `Tokenizer.from_dir(path)` reads `tokenizer.json` and, if present, `tokenizer_config.json`
-  (HF layout: `bos_token` / `eos_token` / `pad_token` as strings or `{"content": ...}` dicts, an
-  optional Jinja `chat_template`). `save(path)` writes both files back.
+- `Tokenizer.from_dir(path)` reads `tokenizer.json`, if present `tokenizer_config.json` (HF layout:
+  `bos_token` / `eos_token` / `pad_token` as strings or `{"content": ...}` dicts, an optional Jinja
+  `chat_template`) and, if present, `chat_template.jinja`, which takes priority over the config's
+  template (as in transformers 5, which saves templates there). `save(path)` writes the files back.
 - `encode` never lets the inner tokenizer add special tokens: the only special token it adds is
   `<bos>`, and only when asked, so a `tokenizer.json` whose post-processor adds BOS cannot double it.
-- `apply_chat_template` renders the config's Jinja template when there is one (needs jinja2),
-  else the Gemma-style fallback below. The result is text: encode it to get ids. A message's
-  content is a string or a list of parts: `{"type": "text", "text": ...}` and image parts (`image`,
-  `image_url`); each image part becomes one image placeholder token (`image_token`, default
-  `<|image|>`) where the part stands, and the templates see it as `{"type": "image"}`.
+- `apply_chat_template(messages, tools=None, **kwargs)` renders the Jinja template the way
+  transformers' `apply_chat_template(..., tokenize=False)` does (same Jinja settings, the config's
+  special tokens, `tools`, and switches such as `enable_thinking` passed through), else the
+  fallback below. A template that fails to render raises `ValueError`. The result is text: encode
+  it to get ids. A message's content is a string or a list of parts: `{"type": "text", "text": ...}`
+  and image parts (`image`, `image_url`); each image part becomes one image placeholder token
+  (`image_token`, default `<|image|>`) where the part stands, and templates see it as
+  `{"type": "image"}`.
 The tokenizer knows nothing about models or sampling.
 """
 from __future__ import annotations
 
+import functools
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,8 +29,9 @@ import tokenizers
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
-START_OF_TURN = "<start_of_turn>"
-END_OF_TURN = "<end_of_turn>"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"          # Gemma 1-3 turns
+TURN_OPEN, TURN_CLOSE = "<|turn>", "<turn|>"                              # Gemma 4 turns
 # the vocabularies blockdiff builds (default model, tests): ids 0..4 in this order
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", START_OF_TURN, END_OF_TURN)
 IMAGE_TOKEN = "<|image|>"
@@ -67,6 +74,8 @@ class Tokenizer:
         tok = tokenizers.Tokenizer.from_file(str(_require_file(path / TOKENIZER_FILE)))
         config_path = path / CONFIG_FILE
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if (path / CHAT_TEMPLATE_FILE).is_file():
+            config["chat_template"] = (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
         return cls(tok, config)
 
     def save(self, path: str | Path) -> None:
@@ -102,13 +111,32 @@ class Tokenizer:
 
     @property
     def eos_ids(self) -> list[int]:
-        """Ids that end generation: EOS, plus `<end_of_turn>` when the vocabulary has it,
-        because a chat model closes its reply with that token rather than EOS."""
+        """Ids that end generation: EOS, plus the end-of-turn token (`<end_of_turn>`, Gemma 4's
+        `<turn|>`) when the vocabulary has it, because a chat model closes its reply with that
+        token rather than EOS."""
         ids = [self.eos_id]
-        eot = self._tok.token_to_id(END_OF_TURN)
-        if eot is not None and eot not in ids:
-            ids.append(eot)
+        for name in (END_OF_TURN, TURN_CLOSE):
+            eot = self._tok.token_to_id(name)
+            if eot is not None and eot not in ids:
+                ids.append(eot)
         return ids
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # HF also allows [{"name": ..., "template": ...}]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template or None
+
+    def set_chat_template(self, template: str) -> None:
+        """Replace the checkpoint's chat template (e.g. `serve --chat-template FILE`)."""
+        if not isinstance(template, str) or not template.strip():
+            raise ValueError("a chat template must be non-empty text")
+        try:
+            _compile(template)
+        except Exception as err:       # a syntax error: say so now, not at the first request
+            raise ValueError(f"the chat template does not compile: {err}") from None
+        self.config["chat_template"] = template
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -130,45 +158,78 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **template_kwargs) -> str:
+        """Chat prompt text for `messages`; `tools` and `template_kwargs` (e.g. `enable_thinking=True`)
+        reach the template as variables, as in transformers."""
         messages = [normalize_message(m, self.image_token) for m in messages]
-        template = self.config.get("chat_template")
-        if isinstance(template, list):  # HF also allows [{"name": ..., "template": ...}]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template:
-            return self._render_jinja(template, messages, add_generation_prompt)
-        return render_fallback_chat(messages, add_generation_prompt)
+        # transformers drops None values: templates test for a key's presence, not for None
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        if self.chat_template:
+            return self._render_jinja(self.chat_template, messages, add_generation_prompt, tools, template_kwargs)
+        return render_fallback_chat(messages, add_generation_prompt, gemma4=self.token_to_id(TURN_OPEN) is not None)
 
-    def _render_jinja(self, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def template_tokens(self) -> dict[str, str]:
+        """The special tokens a template sees by name: every `*_token` of the config, and the named
+        extra tokens (transformers' `special_tokens_map`)."""
+        names = {k: _token_name(v) for k, v in self.config.items() if k.endswith("_token")}
+        for key in ("extra_special_tokens", "model_specific_special_tokens"):
+            if isinstance(self.config.get(key), dict):
+                names.update({k: _token_name(v) for k, v in self.config[key].items()})
+        return {k: v for k, v in names.items() if isinstance(v, str)}
 
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        # Same environment settings as transformers, so templates written for HF render alike.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token,
-            pad_token=self.pad_token or "",
-        )
+    def _render_jinja(self, template: str, messages: list[dict], add_generation_prompt: bool,
+                      tools: list[dict] | None, template_kwargs: dict) -> str:
+        try:
+            return _compile(template).render(messages=[_alias_reasoning(m) for m in messages], tools=tools,
+                                             documents=None, add_generation_prompt=add_generation_prompt,
+                                             **{**self.template_tokens(), **template_kwargs})
+        except Exception as err:     # the template is the checkpoint's code: any failure in it is a bad template
+            raise ValueError(f"the chat template failed to render: {err}") from None
 
 
-def render_fallback_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Gemma-style chat text: `<start_of_turn>{role}\\n{content}<end_of_turn>\\n` per message,
-    with role "assistant" written as "model", then `<start_of_turn>model\\n` to prompt a reply.
+def _alias_reasoning(message: dict) -> dict:
+    """transformers passes a message's reasoning under all of its names; templates read one of them."""
+    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """The template in transformers' Jinja environment: sandboxed, trim_blocks + lstrip_blocks, loop
+    controls, a `tojson` that does not escape HTML, `raise_exception` and `strftime_now`."""
+    import jinja2.ext
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def render_fallback_chat(messages: list[dict], add_generation_prompt: bool = True, gemma4: bool = False) -> str:
+    """Gemma-style chat text for checkpoints without a template: `<start_of_turn>{role}\\n{content}
+    <end_of_turn>\\n` per message (Gemma 4 vocabularies: `<|turn>{role}\\n{content}<turn|>\\n`), with
+    role "assistant" written as "model", then the opening of a model turn to prompt a reply.
     No BOS here: `Tokenizer.encode(text, add_bos=True)` adds it."""
+    start, end = (TURN_OPEN, TURN_CLOSE) if gemma4 else (START_OF_TURN, END_OF_TURN)
     parts = []
     for m in messages:
         role = "model" if m["role"] == "assistant" else m["role"]
+        if m.get("content") is None:
+            raise ValueError(f"without a chat template each message needs 'content', got {m!r}")
         content = m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
-        parts.append(f"{START_OF_TURN}{role}\n{content}{END_OF_TURN}\n")
+        parts.append(f"{start}{role}\n{content}{end}\n")
     if add_generation_prompt:
-        parts.append(f"{START_OF_TURN}model\n")
+        parts.append(f"{start}model\n")
     return "".join(parts)
 
 
@@ -178,7 +239,7 @@ def normalize_message(message: Any, image_token: str) -> dict:
     if not (isinstance(message, dict) and isinstance(message.get("role"), str)):
         raise ValueError(f"each message needs a string 'role' and a 'content', got {message!r}")
     content = message.get("content")
-    if isinstance(content, str):
+    if content is None or isinstance(content, str):        # None: e.g. an assistant turn of tool calls
         return message
     if not isinstance(content, list):
         raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")

@@ -16,6 +16,7 @@ def demo_path(tmp_path_factory):
 
 
 def reference_ids(model, prompt, sp: SamplingParams):
+    sp = sp.with_defaults(SamplingParams.built_in())          # what the engine runs: the model has no generation config
     c = model.config.canvas_length
     n = -(-sp.max_tokens // c) * c
     out = blockdiff.reference_generate(
@@ -113,7 +114,7 @@ def test_prefix_reuse_gives_same_output(demo_path):
 
 @pytest.mark.parametrize("kwargs, field", [
     ({"max_tokens": 0}, "max_tokens"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
-    ({"max_denoising_steps": 0}, "max_denoising_steps"), ({"t_min": 0.9}, "t_max"),
+    ({"max_denoising_steps": 0}, "max_denoising_steps"), ({"t_min": 0.9, "t_max": 0.5}, "t_max"),
     ({"entropy_bound": 0}, "entropy_bound"), ({"seed": "x"}, "seed"), ({"temperature": -1}, "temperature"),
     ({"stop": [3]}, "stop"), ({"confidence_threshold": -1.0}, "confidence_threshold"),
 ])

@@ -5,7 +5,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from test_engine import reference_ids
 
 import blockdiff
 from blockdiff.engine.engine import LLM

@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_flags, add_sampling_flags, model_path, sampling_params, setup
+from .common import add_model_flags, add_sampling_flags, build_llm, sampling_params, setup
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
                        description="Generate a continuation of PROMPT with block diffusion and print it.")
     p.add_argument("prompt", metavar="PROMPT", help="the prompt text")
-    add_sampling_flags(p, max_tokens=128, seed=0)
+    add_sampling_flags(p, seed=0)
     p.add_argument("--chat", action="store_true", help="wrap PROMPT in the tokenizer's chat template")
     p.add_argument("--image", action="append", default=[], type=Path, metavar="PATH",
                    help="an image (PNG, JPEG or WebP) for a multimodal model (repeatable). With --chat the "
@@ -23,11 +23,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup(args)
-    from ..engine.engine import LLM
-
     params = sampling_params(args)
-    llm = LLM(model_path(args), dtype=args.dtype, device=args.device, max_num_seqs=1,
-              max_model_len=args.max_model_len)
+    llm = build_llm(args, max_num_seqs=1)
     images = [path.read_bytes() for path in args.image]       # decoded and checked by the engine
     prompt = args.prompt
     if args.chat:

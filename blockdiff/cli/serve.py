@@ -1,6 +1,6 @@
 """`blockdiff serve`: an OpenAI-compatible HTTP server with live canvas streaming and a playground.
 
-    blockdiff serve --model DIR --port 8000 [--api-key KEY]
+    blockdiff serve google/diffusiongemma-26B-A4B-it --port 8000 [--api-key KEY]
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "NAME", "prompt": "Hello", "max_tokens": 32, "max_denoising_steps": 8}'
 """
@@ -11,16 +11,18 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_model_flags, model_path, positive, setup
+from .common import (add_model_flags, add_sampling_flags, build_llm, model_name, model_path, positive,
+                     sampling_params, setup)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve a model over an OpenAI-compatible HTTP API, with a browser "
                                    "playground at /.")
-    add_model_flags(p, max_model_len=2048)
+    add_model_flags(p, max_model_len=2048, positional=True)
     p.add_argument("--served-model-name", default=None,
-                   help="the model id clients send (default: the checkpoint directory's name)")
+                   help="the model id clients send (default: the hub id, or the checkpoint directory's name)")
+    add_sampling_flags(p, per_request=False)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("BLOCKDIFF_API_KEY"),
@@ -49,20 +51,19 @@ def run(args: argparse.Namespace) -> int:
         positive(args, "max_body_bytes")
     if args.max_queue < 0 or args.request_timeout <= 0 or args.header_timeout <= 0:
         raise ValueError("--max-queue must be >= 0, --request-timeout and --header-timeout > 0")
-    from ..engine.engine import LLM
     from ..server.app import ServerConfig, create_app
     from ..server.http_server import serve
 
-    path = model_path(args)
-    llm = LLM(path, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.max_model_len, compile=args.compile,
-              max_images_per_prompt=args.max_images_per_prompt, allowed_local_media_path=args.allowed_local_media_path)
+    llm = build_llm(args, max_num_seqs=args.max_num_seqs, compile=args.compile,
+                    sampling_defaults=sampling_params(args),        # request > these flags > checkpoint
+                    max_images_per_prompt=args.max_images_per_prompt,
+                    allowed_local_media_path=args.allowed_local_media_path)
     if args.max_body_bytes is None:
         args.max_body_bytes = 20 << 20 if llm.supports_images else 1 << 20
     if llm.compiled:
         print("blockdiff: compiling (1-2 minutes)...", file=sys.stderr, flush=True)
         llm.warm_up()
-    config = ServerConfig(args.served_model_name or Path(path).resolve().name, args.api_key, args.max_queue,
+    config = ServerConfig(args.served_model_name or model_name(model_path(args)), args.api_key, args.max_queue,
                           args.request_timeout, args.max_body_bytes)
     serve(create_app(llm, config), args.host, args.port, args.shutdown_timeout, args.header_timeout)
     return 0

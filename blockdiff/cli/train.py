@@ -112,8 +112,9 @@ def add_eval(sub) -> None:
                        description="Evaluate a model on the corpus's validation split: diffusion/encoder losses, "
                                    "judge perplexity (SmolLM2-135M) of generated vs real text, and tok/s. "
                                    "Last output line is JSON.")
-    p.add_argument("--model", type=Path, required=True, help="model directory (blockdiff export output)")
-    p.add_argument("--ar-model", type=Path, default=None, help="an AR-objective model of the same size to compare")
+    p.add_argument("--model", required=True, help="model directory (blockdiff export output) or hub id")
+    p.add_argument("--ar-model", default=None, help="an AR-objective model of the same size to compare (directory "
+                                                     "or hub id)")
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus directory (default data/corpus)")
     p.add_argument("--samples", type=int, default=16, help="generated continuations to judge (default 16)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per continuation (default 64)")
@@ -127,9 +128,11 @@ def add_eval(sub) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..hub import resolve_model
     from ..train.evaluate import SmolJudge, evaluate
 
-    res = evaluate(args.model, args.corpus, SmolJudge(), args.ar_model, args.samples, args.max_tokens,
+    ar_model = resolve_model(args.ar_model) if args.ar_model else None
+    res = evaluate(resolve_model(args.model), args.corpus, SmolJudge(), ar_model, args.samples, args.max_tokens,
                    steps=args.max_denoising_steps, ar_temperature=args.ar_temperature,
                    fast_steps=args.fast_steps or None)
     print(json.dumps(res))

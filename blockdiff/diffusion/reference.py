@@ -15,12 +15,12 @@ from typing import Callable
 import torch
 
 from ..model.transformer import DiffusionGemma
+from .params import BUILT_IN as _D  # the built-in defaults
 from .params import DiffusionParams
 from .noise import TorchNoise
 from .acceptance import entropy, entropy_bound_accept, step_temperature
 from .stopping import StableAndConfident
 
-_D = DiffusionParams()     # the built-in defaults
 
 
 @dataclass

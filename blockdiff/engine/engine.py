@@ -24,8 +24,11 @@ from typing import Iterator
 import torch
 
 from ..checkpoint import load_model
+from ..config import ConfigError
+from ..generation_config import GenerationDefaults, read_generation_config
 from ..hardware import auto_dtype, reuse_freed_memory
 from ..image_prompt import prefix_keys
+from ..hub import METADATA_FILES, resolve_model
 from ..model.transformer import DiffusionGemma
 from ..tokenizer import Tokenizer
 from .compiled import compile_model
@@ -40,11 +43,15 @@ class LLM:
     def __init__(self, model: str | Path | DiffusionGemma, tokenizer: Tokenizer | str | Path | None = None,
                  dtype: str | torch.dtype | None = None, device: str = "cpu", max_num_seqs: int = 16,
                  max_model_len: int = 2048, sampler_memory_mb: float = 256, attention: str = "eager",
-                 compile: bool | None = None, max_images_per_prompt: int = 4,
+                 compile: bool | None = None, revision: str | None = None, generation_config: str = "auto",
+                 sampling_defaults: SamplingParams | None = None, max_images_per_prompt: int = 4,
                  allowed_local_media_path: str | Path | None = None):
-        """`model`: a checkpoint directory (loaded in `dtype`, default bf16 where fast) or a model object
-        used as it is (in place, its experts switch to grouped matmuls: same values, another memory
-        layout). `attention`: 'eager' (default) keeps every row's arithmetic independent of the
+        """`model`: a checkpoint directory or hub id (`hub.py`; `revision` picks a branch, tag or commit),
+        loaded in `dtype` (default bf16 where fast), or a model object used as it is (in place, its
+        experts switch to grouped matmuls: same values, another memory layout).
+        Request defaults (`self.defaults`): `sampling_defaults` (e.g. the server's flags), then, with
+        `generation_config="auto"`, the checkpoint's generation_config.json ("none": ignore the file),
+        then the built-in values. `attention`: 'eager' (default) keeps every row's arithmetic independent of the
         batch; 'sdpa' is faster but its CPU flash kernel rounds differently with the batch's padded
         key length, so in bf16 a request's tokens can then depend on its neighbours.
         `compile`: torch.compile the model's layers (in place, see `compiled.py`) and the sampler,
@@ -54,32 +61,49 @@ class LLM:
         `input_processor.py`), at most `max_images_per_prompt` per prompt, `file://` image URLs only
         under `allowed_local_media_path`; its image processor settings come from the checkpoint
         directory."""
-        model_dir = None
+        source = None
         if isinstance(model, DiffusionGemma):
             self.model = model
         else:
-            model_dir = model
-            self.model = load_model(model, dtype=dtype or auto_dtype(device), device=device)
+            source = resolve_model(model, revision, METADATA_FILES)     # config, tokenizer, generation config
+            self.model = load_model(model, dtype=dtype or auto_dtype(device), device=device, revision=revision)
             self.model.set_attention_impl(attention)
-            tokenizer = tokenizer if tokenizer is not None else model
-        self.tokenizer = Tokenizer.from_dir(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+            tokenizer = tokenizer if tokenizer is not None else source
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = Tokenizer.from_dir(resolve_model(tokenizer, None, METADATA_FILES))
+        self.tokenizer = tokenizer
         if self.model.device.type == "cpu":
             reuse_freed_memory()
         self.model.use_grouped_experts()
         cfg = self.model.config
+        self.generation = self._generation_config(source, generation_config)
+        self.defaults = (sampling_defaults or SamplingParams()).with_defaults(
+            SamplingParams(max_tokens=self.generation.max_new_tokens).with_defaults(self.generation.params)
+        ).with_defaults(SamplingParams.built_in())
         self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)
         self.compiled = self.model.device.type == "cuda" if compile is None else bool(compile)
         if self.compiled:
             compile_model(self.model)
         self.runner = ModelRunner(self.model, max_num_seqs, max_model_len, sampler_memory_mb,
                                   compile_sampler=self.compiled)
-        eos_ids = set(cfg.eos_ids) | (set(self.tokenizer.eos_ids) if self.tokenizer else set())
+        eos_ids = set(cfg.eos_ids) | set(self.generation.eos_token_ids) | set(
+            self.tokenizer.eos_ids if self.tokenizer else ())
         self.output = OutputProcessor(self._decode, eos_ids)
-        self.inputs = InputProcessor.for_model(self.tokenizer, cfg, model_dir, max_images_per_prompt,
+        self.inputs = InputProcessor.for_model(self.tokenizer, cfg, source, max_images_per_prompt,
                                                allowed_local_media_path)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.frames: list[CanvasFrame] = []     # frames of the last step, for requests that asked
+
+    def _generation_config(self, source: Path | None, mode: str) -> GenerationDefaults:
+        if mode not in ("auto", "none"):
+            raise ValueError(f"generation_config must be 'auto' or 'none', got {mode!r}")
+        gen = read_generation_config(source) if source is not None and mode == "auto" else GenerationDefaults()
+        vocab = self.model.config.vocab_size
+        for name, ids in (("eos_token_id", gen.eos_token_ids), ("pad_token_id", [gen.pad_token_id])):
+            if any(i is not None and i >= vocab for i in ids):
+                raise ConfigError(f"generation_config.json {name} {ids} is outside the vocabulary ({vocab} ids)")
+        return gen
 
     # ---- requests ---------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
@@ -90,7 +114,7 @@ class LLM:
         """Queue a request: text, token ids, a vLLM-style dict with `multi_modal_data`, or prepared
         `PromptInputs`. With `frames`, every denoising step of its canvases is published in
         `self.frames` after the `step()` that ran it."""
-        params = params or SamplingParams()
+        params = (params or SamplingParams()).with_defaults(self.defaults)   # request > server > checkpoint > built-in
         inputs = prompt if isinstance(prompt, PromptInputs) else self.inputs.process(prompt)
         ids, text = inputs.ids, inputs.text
         vocab = self.model.config.vocab_size

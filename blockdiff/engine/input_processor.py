@@ -64,15 +64,16 @@ class InputProcessor:
             return self._with_images(base, images)
         return self._with_images(self._text_or_ids(prompt), [])
 
-    def chat(self, messages: list[dict]) -> PromptInputs:
-        """Render the chat template; image parts become placeholders and their images are taken in order."""
+    def chat(self, messages: list[dict], **template_kwargs) -> PromptInputs:
+        """Render the chat template (`template_kwargs`, e.g. `tools` or `enable_thinking`, reach it as
+        variables); image parts become placeholders and their images are taken in order."""
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer: chat needs one")
         if not isinstance(messages, list):
             raise ValueError("messages must be a list of {'role', 'content'} dicts")
         images = [part for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
                   for part in m["content"] if isinstance(part, dict) and part.get("type") in ("image", "image_url")]
-        text = self.tokenizer.apply_chat_template(messages)
+        text = self.tokenizer.apply_chat_template(messages, **template_kwargs)
         return self._with_images(PromptInputs(self.tokenizer.encode(text), text), [_part_image(p) for p in images])
 
     def _text_or_ids(self, prompt) -> PromptInputs:

@@ -1,7 +1,8 @@
 """Requests, per-request sampling parameters and outputs. Plain Python: no torch here.
 
 - `SamplingParams`: the usual fields (max_tokens, temperature, top_k, top_p, stop, seed) plus the
-  diffusion knobs; invalid values raise `ValueError` naming the field.
+  diffusion knobs; invalid values raise `ValueError` naming the field. `max_tokens` and the knobs
+  may be left unset (None): the engine fills them at admission (see `diffusion/params.py`).
 - `Request`: one sequence's lifecycle (waiting -> running -> finished), its token ids and stats.
 - `RequestOutput`: what `LLM.generate` returns and what streaming yields at each commit.
 """
@@ -12,17 +13,20 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ..diffusion.params import DiffusionParams, check_bool, check_int, check_number
+from ..diffusion.params import BUILT_IN, DiffusionParams, check_bool, check_int, check_number
+
+BUILT_IN_MAX_TOKENS = 256     # transformers' default max_new_tokens (also the released checkpoint's)
 
 
 @dataclass(frozen=True)
 class SamplingParams(DiffusionParams):
     """Per-request settings: the diffusion knobs of `DiffusionParams` (max_denoising_steps, t_min,
     t_max, entropy_bound, confidence_threshold, stability_threshold, temperature, fixed_steps) and
-    the usual ones below."""
-    max_tokens: int = 256
-    top_k: int = 0                    # 0 = off
-    top_p: float = 1.0                # 1.0 = off
+    the usual ones below. None (unset) means the engine's default: the server's flags, else the
+    checkpoint's generation_config.json, else the built-in value."""
+    max_tokens: int | None = None
+    top_k: int | None = None          # 0 = off
+    top_p: float | None = None        # 1.0 = off
     stop: tuple[str, ...] = ()
     seed: int | None = None           # None: drawn by the engine
     ignore_eos: bool = False
@@ -34,12 +38,20 @@ class SamplingParams(DiffusionParams):
         object.__setattr__(self, "stop", tuple(self.stop))
         if not all(isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a string or a list of strings")
-        check_int(self.max_tokens, "max_tokens", 1)
-        check_int(self.top_k, "top_k", 0)
-        check_number(self.top_p, "top_p", 0.0, inclusive=False, maximum=1.0)
+        if self.max_tokens is not None:
+            check_int(self.max_tokens, "max_tokens", 1)
+        if self.top_k is not None:
+            check_int(self.top_k, "top_k", 0)
+        if self.top_p is not None:
+            check_number(self.top_p, "top_p", 0.0, inclusive=False, maximum=1.0)
         if self.seed is not None:
             check_int(self.seed, "seed", 0)
         check_bool(self.ignore_eos, "ignore_eos")
+
+    @classmethod
+    def built_in(cls) -> SamplingParams:
+        """Every field at its built-in default: the last layer a request is resolved against."""
+        return cls(max_tokens=BUILT_IN_MAX_TOKENS, top_k=0, top_p=1.0).with_defaults(BUILT_IN)
 
 
 @dataclass

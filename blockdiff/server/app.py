@@ -122,7 +122,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     def prepare(raw: bytes, kind: type):
         """Parse, tokenize, render templates and process images: CPU work kept off the event loop."""
-        return build_plan(parse_request(raw, kind), llm.inputs, limits, config.model_name)
+        return build_plan(parse_request(raw, kind), llm.inputs, limits, config.model_name, llm.defaults)
 
     async def generate(request: Request, kind: type):
         plan = await asyncio.to_thread(prepare, await request.body(), kind)

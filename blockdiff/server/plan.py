@@ -10,7 +10,11 @@ sees a request it rejects). Conventions:
   parts are decoded and processed here (the engine's `InputProcessor`): a bad image, a remote URL,
   too many images or images for a text-only model are 400s naming the problem.
 - `max_tokens` (chat: also `max_completion_tokens`) is exact. Defaults: 16 for completions (as
-  OpenAI); for chat, everything the context has room for, in whole canvases.
+  OpenAI); for chat, everything the context has room for, in whole canvases. The checkpoint's
+  generation_config `max_new_tokens` never caps either.
+- Knobs the request leaves out stay unset in its `SamplingParams`: the engine's defaults (server
+  flags, then the checkpoint's generation_config.json) fill them. They are resolved here against
+  `defaults` too, so a value that clashes with a default (t_max below the default t_min) is a 400.
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ class Plan:
 
 
 def build_plan(req: CompletionRequest | ChatCompletionRequest, inputs: InputProcessor, limits: Limits,
-               model_name: str) -> Plan:
+               model_name: str, defaults: SamplingParams | None = None) -> Plan:
     if req.model != model_name:
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
                        param="model", code="model_not_found")
@@ -84,7 +88,7 @@ def build_plan(req: CompletionRequest | ChatCompletionRequest, inputs: InputProc
                            code="context_length_exceeded")
         for j in range(req.n):
             index = p * req.n + j
-            choices.append(Choice(index, ids, _sampling_params(req, max_tokens or room, index), images))
+            choices.append(Choice(index, ids, _sampling_params(req, max_tokens or room, index, defaults), images))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Plan(kind, model_name, choices, sum(len(ids) for ids in prompts), req.stream, include_usage,
                 req.blockdiff_frames)
@@ -94,8 +98,8 @@ def _chat_inputs(req: ChatCompletionRequest, inputs: InputProcessor) -> PromptIn
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.template_content()}
                 for m in req.messages]
     try:
-        return inputs.chat(messages)
-    except ValueError as e:          # images: undecodable, remote, too many, or a text-only model
+        return inputs.chat(messages, **(req.chat_template_kwargs or {}))
+    except ValueError as e:          # images (undecodable, remote, too many, a text-only model) or the template
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
     except Exception as e:           # a Jinja template may raise on roles it does not support
         raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
@@ -126,11 +130,12 @@ def _completion_ids(prompt, inputs: InputProcessor, vocab_size: int) -> list[lis
     return prompts
 
 
-def _sampling_params(req, max_tokens: int, index: int) -> SamplingParams:
+def _sampling_params(req, max_tokens: int, index: int, defaults: SamplingParams | None) -> SamplingParams:
     knobs = {k: getattr(req, k) for k in KNOBS if getattr(req, k) is not None}
     seed = None if req.seed is None else req.seed + index
     try:
-        return SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, **knobs)
+        params = SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, **knobs)
+        return params.with_defaults(defaults or SamplingParams.built_in())
     except ValueError as e:          # cross-field rules, e.g. t_max > t_min: the message names the field
         field = str(e).split()[0]
         raise ApiError(400, str(e), param=field if field in KNOBS else None, code="invalid_value") from None

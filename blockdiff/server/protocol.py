@@ -15,6 +15,8 @@ pydantic model or raises `ApiError` (status 400) whose message names the offendi
 - `blockdiff_frames: {"max_fps": 20}` asks a streaming request for live denoising frames.
 - Chat content parts are `text` and `image_url` (`{"url": "data:image/png;base64,..."}`); what an
   image URL may be is checked when the prompt is built (plan.py), not here.
+- Chat: `chat_template_kwargs` (as vLLM) are variables for the chat template, such as
+  `{"enable_thinking": true}`.
 """
 from __future__ import annotations
 
@@ -132,6 +134,7 @@ class Message(_Strict):
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None
     max_tokens: int | None = Field(None, ge=1)   # None: as many as the context allows
     max_completion_tokens: int | None = Field(None, ge=1)
 

@@ -128,9 +128,11 @@ def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(5, vocab, (batch, length), generator=gen).tolist()
 
 
-def run_engine(llm, batch: int, prompt_len: int, max_tokens: int, steps: int, fixed: bool, repeat: int = 1) -> dict:
-    """Timed runs (the fastest of `repeat`), then the peak temporary memory of a short run (one
-    canvas, two steps) at the same batch size, measured apart because on CPU the profiler slows it."""
+def run_engine(llm, batch: int, prompt_len: int, max_tokens: int, steps: int, fixed: bool, repeat: int = 1,
+               memory: bool = True) -> dict:
+    """Timed runs (the fastest of `repeat`), then (if `memory`) the peak temporary memory of a short
+    run (one canvas, two steps) at the same batch size, measured apart because on CPU the profiler
+    slows it."""
     from .engine.request import SamplingParams
 
     sp = [SamplingParams(max_tokens=max_tokens, seed=i, max_denoising_steps=steps, fixed_steps=fixed,
@@ -146,12 +148,15 @@ def run_engine(llm, batch: int, prompt_len: int, max_tokens: int, steps: int, fi
         elapsed = time.perf_counter() - start
         if elapsed < wall:
             wall, outs = elapsed, run
-    with PeakMemory(llm.model.device) as mem:
-        llm.generate(prompts, short)
+    peak_mb = float("nan")
+    if memory:
+        with PeakMemory(llm.model.device) as mem:
+            llm.generate(prompts, short)
+        peak_mb = mem.mb
     lat = sorted(o.stats.latency for o in outs)
     tokens = sum(len(o.token_ids) for o in outs)
     return {"tok_s": tokens / wall, "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-            "peak_mem_mb": mem.mb, "steps_per_canvas": sum(sum(o.stats.steps_per_canvas) for o in outs) /
+            "peak_mem_mb": peak_mb, "steps_per_canvas": sum(sum(o.stats.steps_per_canvas) for o in outs) /
             sum(len(o.stats.steps_per_canvas) for o in outs)}
 
 

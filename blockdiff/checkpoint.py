@@ -5,6 +5,9 @@ id, before any weight is downloaded: `hub.py`), builds the model on the `meta` d
 `NotEnoughMemory` if its weights in `dtype` exceed the device's free memory, then assigns the loaded
 tensors, so no memory is spent on a random init. Loading is strict: a missing, unexpected or wrongly
 shaped tensor raises `CheckpointError` naming it. Safetensors only; nothing is unpickled.
+A config.json with a `quantization_config` (compressed-tensors) gets quantized modules in place of the
+linears and experts it names (`quant/load.py`); their integer tensors keep their dtype, `dtype` applies
+to the float ones, and the memory check counts the quantized sizes.
 """
 from __future__ import annotations
 
@@ -39,22 +42,42 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
     holds its tensors. The memory check runs on config.json alone, before any weight is fetched."""
     config = ModelConfig.from_file(resolve_model(model, revision, METADATA_FILES) / "config.json")
     torch_dtype = resolve_dtype(dtype, config)
+    quant = config.extra.get("quantization_config")
     if check_memory:        # an upper bound: the vision tower counts if the config has one
-        with torch.device("meta"):
-            sized = DiffusionGemma(config)
-        nbytes = sum(t.numel() for t in [*sized.parameters(), *sized.buffers()]) * torch_dtype.itemsize
+        sized = _skeleton(config, quant, None)
+        nbytes = sum(t.numel() * _stored_dtype(t.dtype, torch_dtype).itemsize
+                     for t in [*sized.parameters(), *sized.buffers()])
         check_fits(nbytes, device, f"the weights of {model} in {str(torch_dtype).removeprefix('torch.')}")
     path = resolve_model(model, revision)
     files = weight_files(path)
-    _settle_vision(config, files)
+    keys = _keys(files)
+    _settle_vision(config, keys)
+    model_obj = _load_weights(_skeleton(config, quant, keys), path, files, torch_dtype, device)
+    if quant is not None:
+        from .quant.load import pack_for_kernels
+        pack_for_kernels(model_obj)
+    return model_obj
+
+
+def _skeleton(config: ModelConfig, quant, keys: set[str] | None) -> DiffusionGemma:
+    """The model on the meta device, with quantized modules where a quantization_config says so."""
     with torch.device("meta"):
-        model_obj = DiffusionGemma(config)
-    return _load_weights(model_obj, path, files, torch_dtype, device)
+        model = DiffusionGemma(config)
+    if quant is not None:
+        from .quant.load import quantize_skeleton
+        quantize_skeleton(model, quant, keys)
+    return model
+
+
+def _stored_dtype(expected: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """Float tensors load in `dtype`; integer and float8 (quantized) ones as they are stored."""
+    return dtype if expected.is_floating_point and expected.itemsize > 1 else expected
 
 
 def _load_weights(model: DiffusionGemma, path: Path, files: list[Path], torch_dtype: torch.dtype,
                   device) -> DiffusionGemma:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    kinds = {name: t.dtype for name, t in model.state_dict().items()}
     state, found = {}, {}
     for file in files:
         try:
@@ -68,7 +91,7 @@ def _load_weights(model: DiffusionGemma, path: Path, files: list[Path], torch_dt
                     if shape != expected[name]:
                         raise CheckpointError(f"tensor '{key}' has shape {list(shape)}, expected {list(expected[name])}")
                     if kind == "load":
-                        state[name] = f.get_tensor(key).to(device=device, dtype=torch_dtype)
+                        state[name] = _read(f, key, kinds[name], torch_dtype, device)
         except SafetensorError as err:
             raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
     check_index(path, found)
@@ -80,16 +103,32 @@ def _load_weights(model: DiffusionGemma, path: Path, files: list[Path], torch_dt
     return model.eval()
 
 
-def _settle_vision(config: ModelConfig, files: list[Path]) -> None:
-    """Drop the vision config of a checkpoint without vision tensors (text-only; blockdiff writes a
-    placeholder tower config for transformers' sake); a checkpoint with them needs the config."""
-    has_vision = False
+def _keys(files: list[Path]) -> set[str]:
+    keys = set()
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                has_vision = has_vision or any(key.startswith(VISION) for key in f.keys())
+                keys.update(f.keys())
         except SafetensorError as err:
             raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
+    return keys
+
+
+def _read(f, key: str, expected: torch.dtype, dtype: torch.dtype, device) -> torch.Tensor:
+    """One tensor: float ones cast to `dtype`; integer and float8 ones must be stored as expected."""
+    t = f.get_tensor(key)
+    if _stored_dtype(expected, dtype) == dtype and t.dtype.is_floating_point and t.dtype.itemsize > 1:
+        return t.to(device=device, dtype=dtype)
+    if t.dtype != expected:
+        raise CheckpointError(f"tensor '{key}' has dtype {str(t.dtype).replace('torch.', '')}, "
+                              f"expected {str(expected).replace('torch.', '')}")
+    return t.to(device)
+
+
+def _settle_vision(config: ModelConfig, keys: set[str]) -> None:
+    """Drop the vision config of a checkpoint without vision tensors (text-only; blockdiff writes a
+    placeholder tower config for transformers' sake); a checkpoint with them needs the config."""
+    has_vision = any(key.startswith(VISION) for key in keys)
     if not has_vision:
         config.vision_config = None
     elif config.vision_config is None:

@@ -89,3 +89,12 @@ def reuse_freed_memory() -> bool:
         return False
     _reusing = bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
     return _reusing
+
+
+def has_vnni() -> bool:
+    """Whether the CPU has AVX512-VNNI (int8 dot products accumulate in int32 without saturating)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_vnni" in line for line in f)
+    except OSError:
+        return False

@@ -89,6 +89,9 @@ def check_index(path: Path, found: dict[str, str]) -> None:
 
 def save_checkpoint(model, path: str | Path, max_shard_bytes: int | None = None) -> None:
     """Write config.json and safetensors (sharded with an index if `max_shard_bytes` is exceeded)."""
+    if "quantization_config" in model.config.extra:
+        raise ValueError("a quantized model holds its weights in its kernels' layout and cannot be saved; "
+                         "keep the quantized directory, or quantize the float checkpoint again")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {to_checkpoint(n): t.detach().contiguous().cpu() for n, t in model.state_dict().items()}

@@ -15,3 +15,18 @@ def test_bench_smoke(tmp_path):
         assert isinstance(res[key], float) and res[key] > 0, key
     assert res["sampler_mem_completed"] == 64
     assert (tmp_path / "bench_small.png").stat().st_size > 1000
+
+
+def test_bench_quant_smoke(capsys, monkeypatch):
+    from blockdiff import bench
+    from blockdiff.cli import main
+
+    tiny = dict(bench.PRESETS["small"], num_hidden_layers=2, vocab_size=512, canvas_length=16, hidden_size=128,
+                intermediate_size=128, moe_intermediate_size=64, layer_types=["sliding_attention", "full_attention"])
+    monkeypatch.setitem(bench.PRESETS, "tiny", tiny)          # the command's code path on a model that runs fast
+    assert main(["bench", "--quant", "w4a16-experts", "--preset", "tiny", "--steps", "1", "--canvases", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("quant_speedup_bs1", "quant_speedup_bs16"):
+        assert isinstance(res[key], float) and res[key] > 0, key
+    assert 0 < res["weights_bytes"] < res["weights_bytes_bf16"]
+    assert main(["bench", "--quant", "int3"]) == 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, generate, serve, train
+from . import bench, generate, quantize, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     train.add_parsers(sub)
     bench.add_parser(sub)
+    quantize.add_parser(sub)
     return parser
 
 

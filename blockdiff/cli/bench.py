@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     p.add_argument("--sampler-budget-mb", type=float, default=256, help="sampler temporary memory budget (MB)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where the plot and checkpoint go")
+    p.add_argument("--quant", metavar="SCHEME", default=None,
+                   help="instead: a quantized copy (w8a8, w4a16, w4a16-experts) against the same model in the "
+                        "default dtype, batch 1 and 16, with stored weight sizes")
     add_device_flags(p, device="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=run)
 
@@ -38,7 +41,22 @@ def run(args) -> int:
         raise ValueError("--repeat must be >= 1")
     setup(args)
     with tempfile.TemporaryDirectory(prefix="blockdiff-bench-") as tmp:
-        return measure(args, Path(tmp))
+        return measure_quant(args, Path(tmp)) if args.quant else measure(args, Path(tmp))
+
+
+def measure_quant(args, root: Path) -> int:
+    from ..bench_quant import measure_quant as run_quant
+    from ..hardware import auto_dtype
+    from ..quant.scheme import get_scheme
+
+    get_scheme(args.quant)                         # an unknown scheme fails before any work
+    dtype = auto_dtype(args.device) if args.dtype is None else getattr(torch, args.dtype)
+    res = run_quant(args.quant, args.preset, root, dtype, args.device, args.steps, args.prompt_len,
+                    args.canvases, args.repeat)
+    for key in ("weights_bytes", "weights_bytes_bf16", "quant_speedup_bs1", "quant_speedup_bs16"):
+        print(f"{key:>20}: {res[key]:.3f}" if isinstance(res[key], float) else f"{key:>20}: {res[key]}")
+    print(json.dumps(res, sort_keys=True))
+    return 0
 
 
 def measure(args, ckpt: Path) -> int:

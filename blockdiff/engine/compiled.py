@@ -27,9 +27,7 @@ def compile_model(model: DiffusionGemma) -> DiffusionGemma:
         return model
     options = inductor_options(model.device)
     for layer in model.layers:
-        # the per-expert loop's host sync would break the graph; torch's compile-time shape rule for
-        # grouped_mm (CUDA-minded) accepts only bf16, though the CPU kernel also runs fp32
-        if not (layer.experts.grouped and layer.experts.gate_up_proj.dtype == torch.bfloat16):
+        if not layer.experts.compiles_with_layer():
             layer.experts.forward = torch.compiler.disable(layer.experts.forward)
         layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True, options=options)
         layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=True, options=options)

@@ -143,6 +143,12 @@ class Experts(nn.Module):
             self.grouped = True
         return self.grouped
 
+    def compiles_with_layer(self) -> bool:
+        """Whether torch.compile can take this module with its layer: the per-expert loop's host sync
+        would break the graph, and torch's compile-time shape rule for grouped_mm (CUDA-minded)
+        accepts only bf16, though the CPU kernel also runs fp32."""
+        return self.grouped and self.gate_up_proj.dtype == torch.bfloat16
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (T, H), weights/idx (T, k) -> (T, H).
 

@@ -1,0 +1,68 @@
+"""Loading a compressed-tensors checkpoint: the model's skeleton with quantized drop-ins.
+
+Contract: `checkpoint.load_model` calls `quantize_skeleton(model, quantization_config)` on the
+meta-device model before reading tensors, so the strict name/shape/dtype checks of the ordinary
+loader apply to the quantized tensors too (a missing `weight_scale`, a dense tensor where the config
+says quantized, a truncated file: one error naming the tensor). After the tensors are assigned,
+`pack_for_kernels(model)` converts every quantized module to its kernels' layout, module by module,
+so the peak is the checkpoint's size plus one module's conversion.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hf_layout import to_checkpoint
+from ..model.layers import Experts
+from ..model.transformer import DiffusionGemma
+from .ct_config import Fp8Args, QuantConfig
+from .modules import Fp8Linear, QuantExperts, QuantLinear
+from .scheme import WeightArgs
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _linear_for(module: nn.Linear, args: WeightArgs | Fp8Args) -> nn.Module:
+    if isinstance(args, Fp8Args):
+        return Fp8Linear(module.in_features, module.out_features, (module.out_features, 1) if args.per_channel else (1,))
+    return QuantLinear(module.in_features, module.out_features, args)
+
+
+def quantize_skeleton(model: DiffusionGemma, quant: dict[str, Any], keys: set[str] | None) -> DiffusionGemma:
+    """Swap, on a meta-device model, each module that `quant` (a quantization_config) quantizes.
+    `keys`: the checkpoint's tensor names (None: not read yet, as for sizing). Fused experts
+    (`experts.gate_up_proj`) stay dense whatever the targets say: compressed-tensors quantizes only
+    per-expert linears."""
+    if not isinstance(quant, dict):
+        raise ValueError("config.json field 'quantization_config' must be an object")
+    cfg = QuantConfig.from_dict(quant)
+    swapped = 0
+    with torch.device("meta"):
+        for name, module in list(model.named_modules()):
+            ckpt = to_checkpoint(name)
+            if isinstance(module, nn.Linear) and (args := cfg.args_for(ckpt)) is not None:
+                _replace(model, name, _linear_for(module, args))
+                swapped += 1
+            elif isinstance(module, Experts) and f"{ckpt}.gate_up_proj" not in (keys or ()):
+                gate, up, down = (cfg.args_for(f"{ckpt}.0.{p}_proj") for p in ("gate", "up", "down"))
+                if gate is None and up is None and down is None:
+                    continue                  # dense experts whose tensors are missing: the loader names them
+                if not all(isinstance(a, WeightArgs) for a in (gate, up, down)) or gate != up or gate.bits != down.bits:
+                    raise ValueError(f"experts of '{ckpt}': gate/up/down quantized as {gate}/{up}/{down}; "
+                                     "blockdiff needs all three int4 or all three int8 (gate and up alike)")
+                _replace(model, name, QuantExperts(model.config, gate, down))
+                swapped += 1
+    if not swapped:
+        raise ValueError("quantization_config quantizes none of the model's linears or experts")
+    return model
+
+
+def pack_for_kernels(model: nn.Module) -> None:
+    for module in list(model.modules()):
+        if isinstance(module, (QuantLinear, Fp8Linear, QuantExperts)):
+            module.pack_for_kernels()

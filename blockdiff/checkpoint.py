@@ -50,8 +50,8 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
         check_fits(nbytes, device, f"the weights of {model} in {str(torch_dtype).removeprefix('torch.')}")
     path = resolve_model(model, revision)
     files = weight_files(path)
-    keys = _keys(files)
-    _settle_vision(config, keys)
+    keys = checkpoint_keys(files)
+    settle_vision(config, keys)
     model_obj = _load_weights(_skeleton(config, quant, keys), path, files, torch_dtype, device)
     if quant is not None:
         from .quant.load import pack_for_kernels
@@ -103,7 +103,7 @@ def _load_weights(model: DiffusionGemma, path: Path, files: list[Path], torch_dt
     return model.eval()
 
 
-def _keys(files: list[Path]) -> set[str]:
+def checkpoint_keys(files: list[Path]) -> set[str]:
     keys = set()
     for file in files:
         try:
@@ -125,7 +125,7 @@ def _read(f, key: str, expected: torch.dtype, dtype: torch.dtype, device) -> tor
     return t.to(device)
 
 
-def _settle_vision(config: ModelConfig, keys: set[str]) -> None:
+def settle_vision(config: ModelConfig, keys: set[str]) -> None:
     """Drop the vision config of a checkpoint without vision tensors (text-only; blockdiff writes a
     placeholder tower config for transformers' sake); a checkpoint with them needs the config."""
     has_vision = any(key.startswith(VISION) for key in keys)

@@ -217,7 +217,7 @@ def test_mixed_or_truncated_packs_name_the_tensor(tiny_packs, tmp_path):
     tensors.pop(f"{key[:-len('weight')]}weight_scale")
     tensors[key] = tensors[key].to(torch.int8)
     save_file(tensors, str(shard))
-    with pytest.raises(blockdiff.checkpoint.CheckpointError, match="missing 1 tensor.*down_proj.weight_scale"):
+    with pytest.raises(blockdiff.checkpoint.CheckpointError, match=r"tensor '[a-z0-9_.]+down_proj\.weight_scale'"):
         blockdiff.load_model(bad)
 
 
@@ -230,3 +230,17 @@ def test_cli_quantize_and_generate(tiny_packs, tmp_path, capsys):
     assert main(["quantize", str(src), str(tmp_path / "q"), "--scheme", "w4a16-experts", "--no-progress"]) == 0
     assert main(["generate", "Hi", "--model", str(tmp_path / "q"), "--max-tokens", "8", "--max-denoising-steps", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_memory_check_counts_quantized_sizes(tiny_packs, monkeypatch):
+    from blockdiff import checkpoint
+    from blockdiff.hardware import LIGHT_SCHEMES
+    from blockdiff.quant.scheme import SCHEMES as ALL
+
+    assert tuple(ALL) == LIGHT_SCHEMES                    # the out-of-memory message names every scheme
+    sizes = []
+    monkeypatch.setattr(checkpoint, "check_fits", lambda nbytes, device, what: sizes.append(nbytes))
+    src, packs = tiny_packs
+    for path in (src, packs["w8a8"], packs["w4a16"]):
+        blockdiff.load_model(path, dtype="bfloat16")
+    assert sizes[0] > sizes[1] > sizes[2]

@@ -10,7 +10,7 @@ Contract:
 - Output: config.json (the source's, plus `quantization_config`), safetensors shards with an index,
   and every other file of the source directory except its model card (tokenizer, generation config).
   The embedding (tied LM head), router, norms and scalars are copied in their stored dtype; tied
-  encoder copies are not written (the loader ties them); vision-tower tensors are copied through.
+  encoder copies are not written (the loader ties them); the vision tower is copied unquantized.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig, read_json_object
-from ..hf_layout import SKIP, TIED, CheckpointError, to_checkpoint, to_ours, weight_files
+from ..checkpoint import checkpoint_keys, settle_vision
+from ..hf_layout import OUR_VISION, TIED, CheckpointError, to_checkpoint, to_ours, weight_files
 from ..model.transformer import DiffusionGemma
 from .ct_config import build_config
 from .scheme import Scheme, WeightArgs, get_scheme, pack_int4, quantize_weight
@@ -69,12 +70,14 @@ def _ct_bytes(n: int, k: int, args: WeightArgs, scale_bytes: int) -> int:
 
 
 def plan_conversion(config: ModelConfig, files: list[Path], scheme: Scheme) -> Plan:
-    """Check every source tensor against the model's shapes and decide its fate; nothing is read but headers."""
+    """Check every source tensor against the model's shapes and decide its fate; nothing is read but
+    headers. The vision tower, if any, is copied as it is."""
+    settle_vision(config, checkpoint_keys(files))
     with torch.device("meta"):
         model = DiffusionGemma(config)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    linears = {f"{n}.weight" for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not n.endswith("router.proj")}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and not n.endswith("router.proj") and not n.startswith(OUR_VISION)}
     plan, seen = Plan(), set()
     for file in files:
         try:
@@ -84,15 +87,14 @@ def plan_conversion(config: ModelConfig, files: list[Path], scheme: Scheme) -> P
                     shape, nbytes = tuple(sl.get_shape()), ITEMSIZE.get(sl.get_dtype(), 1)
                     item = Item(key, file, shape)
                     kind, name = to_ours(key)
-                    if kind != SKIP:
-                        if name not in expected:
-                            raise CheckpointError(f"unexpected tensor '{key}' in {file.name}")
-                        if shape != expected[name]:
-                            raise CheckpointError(f"tensor '{key}' has shape {list(shape)}, expected {list(expected[name])}")
-                        seen.add(name)
-                        if kind == TIED:
-                            continue
-                        _decide(item, name, nbytes, scheme, linears, plan)
+                    if name not in expected:
+                        raise CheckpointError(f"unexpected tensor '{key}' in {file.name}")
+                    if shape != expected[name]:
+                        raise CheckpointError(f"tensor '{key}' has shape {list(shape)}, expected {list(expected[name])}")
+                    seen.add(name)
+                    if kind == TIED:
+                        continue
+                    _decide(item, name, nbytes, scheme, linears, plan)
                     item.out_bytes = item.out_bytes or max(1, torch.Size(shape).numel()) * nbytes
                     plan.items.append(item)
         except SafetensorError as err:
@@ -111,7 +113,7 @@ def _decide(item: Item, name: str, nbytes: int, scheme: Scheme, linears: set[str
         item.kind, item.args = "linear", scheme.linears.for_input_size(k, item.key)
         plan.modules[module] = item.args
         item.out_bytes = _ct_bytes(n, k, item.args, nbytes)
-    elif ".experts." in name and scheme.experts is not None:
+    elif name.startswith("layers.") and ".experts." in name and scheme.experts is not None:
         e, rows, k = item.shape
         item.kind, item.args = "experts", scheme.experts.for_input_size(k, item.key)
         parts = ("down",) if name.endswith("down_proj") else ("gate", "up")

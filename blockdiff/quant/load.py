@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hf_layout import to_checkpoint
+from ..hf_layout import OUR_VISION, to_checkpoint
 from ..model.layers import Experts
 from ..model.transformer import DiffusionGemma
 from .ct_config import Fp8Args, QuantConfig
@@ -44,6 +44,8 @@ def quantize_skeleton(model: DiffusionGemma, quant: dict[str, Any], keys: set[st
     swapped = 0
     with torch.device("meta"):
         for name, module in list(model.named_modules()):
+            if name.startswith(OUR_VISION):
+                continue                      # the vision tower stays in the float dtype
             ckpt = to_checkpoint(name)
             if isinstance(module, nn.Linear) and (args := cfg.args_for(ckpt)) is not None:
                 _replace(model, name, _linear_for(module, args))
@@ -53,6 +55,8 @@ def quantize_skeleton(model: DiffusionGemma, quant: dict[str, Any], keys: set[st
                 if gate is None and up is None and down is None:
                     continue                  # dense experts whose tensors are missing: the loader names them
                 if not all(isinstance(a, WeightArgs) for a in (gate, up, down)) or gate != up or gate.bits != down.bits:
+                    if keys is None:
+                        continue              # sizing only: dense experts are the upper bound
                     raise ValueError(f"experts of '{ckpt}': gate/up/down quantized as {gate}/{up}/{down}; "
                                      "blockdiff needs all three int4 or all three int8 (gate and up alike)")
                 _replace(model, name, QuantExperts(model.config, gate, down))

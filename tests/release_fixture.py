@@ -164,7 +164,7 @@ def build_release_checkpoint(path: str | Path, seed: int = 0) -> Path:
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (path / "processor_config.json").write_text(json.dumps(
         {"processor_class": "Gemma4Processor", "image_seq_length": 280, "audio_seq_length": 750,
-         "image_processor": {"image_processor_type": "Gemma4ImageProcessor", "patch_size": 16,
+         "image_processor": {"image_processor_type": "Gemma4ImageProcessor", "patch_size": 4,
                              "pooling_kernel_size": 3, "max_soft_tokens": 280}}, indent=2) + "\n")
     return path
 

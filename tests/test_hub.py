@@ -99,7 +99,7 @@ def test_priority_request_over_flags_over_checkpoint_over_built_in(release_dir):
     req = SamplingParams(max_denoising_steps=2).with_defaults(d)                                   # request
     assert (req.max_denoising_steps, req.t_min, req.entropy_bound) == (2, 0.3, 0.3)
     none = blockdiff.LLM(release_dir, dtype="float32", max_num_seqs=1, max_model_len=64, generation_config="none")
-    assert none.defaults == SamplingParams.built_in() and 50 not in none.eos_ids
+    assert none.defaults == SamplingParams.built_in() and 50 not in none.output.eos_ids
 
 
 def test_a_request_clashing_with_a_default_names_the_field():

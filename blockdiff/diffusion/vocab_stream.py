@@ -124,10 +124,10 @@ def stream_vocab(head: Head, h: torch.Tensor, temp: torch.Tensor, tile: int) -> 
 
 
 def block_masses(head: Head, h: torch.Tensor, temp: torch.Tensor, b: torch.Tensor, m: torch.Tensor, chunk: int):
-    """Block b (P,) of every position, recomputed: processed logits y (P, BLOCK), masses exp(y - m)
-    (0 past the vocabulary) and token ids. Positions go `chunk` at a time (gathered rows: chunk x
-    BLOCK x H); each row is multiplied as 4 equal rows, because BLAS kernels round a lone row their
-    own way and the tile's rows came from a many-row product."""
+    """Block b (P,) of every position, recomputed: its masses exp(y - m) (P, BLOCK), 0 past the
+    vocabulary. Positions go `chunk` at a time (gathered rows: chunk x BLOCK x H); each row is
+    multiplied as 4 equal rows, because BLAS kernels round a lone row their own way and the tile's
+    rows came from a many-row product."""
     w, v, (p, hidden) = head.weight, head.weight.shape[0], h.shape
     ids = b[:, None] * BLOCK + torch.arange(BLOCK, device=h.device)                # (P, BLOCK)
     y = torch.empty(p, BLOCK, device=h.device)
@@ -136,14 +136,14 @@ def block_masses(head: Head, h: torch.Tensor, temp: torch.Tensor, b: torch.Tenso
         rows = w[ids[lo:hi].clamp(max=v - 1)]                                        # (q, BLOCK, H)
         x = torch.bmm(h[lo:hi, None, :].expand(hi - lo, 4, hidden).contiguous(), rows.transpose(1, 2))[:, 0]
         y[lo:hi] = head.process(x, temp[lo:hi])
-    return y, torch.exp(y - m[:, None]).masked_fill_(ids >= v, 0.0), ids
+    return torch.exp(y - m[:, None]).masked_fill_(ids >= v, 0.0)
 
 
 def sample_from_blocks(head: Head, h, temp, blocks, m, u, chunk: int, kept_bits=None) -> torch.Tensor:
     """Inverse CDF at u (P,): the block by the block sums (P, nb), then the token inside it.
     `kept_bits` (P, nb) int64: which tokens of each block a top-k / top-p set keeps."""
     b, target, before = locate_block(blocks, u)
-    _, e, _ = block_masses(head, h, temp, b.squeeze(-1), m, chunk)
+    e = block_masses(head, h, temp, b.squeeze(-1), m, chunk)
     if kept_bits is not None:
         e = e * ((kept_bits.gather(1, b) & block_bits(e.device)) != 0)
     return (b * BLOCK + locate_in_block(e, target, before)).squeeze(-1)

@@ -110,8 +110,9 @@ def stream_vocab(head: Head, h: torch.Tensor, temp: torch.Tensor, tile: int) -> 
         alpha = torch.exp(m - m_new)
         torch.exp(y.sub_(m_new[:, None]), out=e)                              # y <- y - m_new, e = exp(y)
         s = alpha * (s + (m - m_new) * z) + torch.linalg.vecdot(e[:, :n], y[:, :n])
-        z = alpha * z + e.sum(-1)
-        blocks[:, t * per_tile:t * per_tile + nbt] = e.view(p, nbt, BLOCK).sum(-1)
+        sums = blocks[:, t * per_tile:t * per_tile + nbt]
+        torch.sum(e.view(p, nbt, BLOCK), -1, out=sums)
+        z = alpha * z + sums.sum(-1)
         tile_m[:, t] = m_new
         w_t = w[lo:lo + n]
         if w.dtype == torch.float32:

@@ -120,8 +120,8 @@ def stream_vocab(head: Head, h: torch.Tensor, temp: torch.Tensor, tile: int) -> 
         else:
             soft.mul_(alpha[:, None]).add_(torch.mm(e[:, :n].to(w.dtype), w_t))
         m = m_new
-    scale = torch.exp(tile_m - m[:, None]).repeat_interleave(per_tile, dim=1)   # each tile's sums to the final max
-    return VocabStats(m, z, s, argmax, soft, (blocks * scale)[:, :-(-v // BLOCK)])
+    blocks.view(p, n_tiles, per_tile).mul_(torch.exp(tile_m - m[:, None])[:, :, None])   # every tile's to the final max
+    return VocabStats(m, z, s, argmax, soft, blocks[:, :-(-v // BLOCK)])
 
 
 def block_masses(head: Head, h: torch.Tensor, temp: torch.Tensor, b: torch.Tensor, m: torch.Tensor, chunk: int):

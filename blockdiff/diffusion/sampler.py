@@ -4,9 +4,11 @@ Given the decoder's hidden states (R, C, H) for R canvases, computes for every r
 sync and no Python loop over rows: tempered logits, entropy, argmax, the sampled tokens
 (inverse-CDF with counter-based uniforms, so a row's draw does not depend on the batch), entropy-
 bound acceptance, renoising, the stable-and-confident test and the next self-conditioning input.
-The (R, C, V) logits are processed in row tiles so temporary memory stays under a byte budget.
-Per-row knobs live in `RowKnobs` tensors; the same math as `reference.py` for a single row
-(entropy up to float rounding, see `denoise_tile`).
+Two ways over the vocabulary, the same math: materialised (`denoise_tile`: (r, C, V) logits for a
+tile of rows, row tiles under a byte budget) and streamed (`denoise_tile_streamed`: tiles of the
+embedding matrix for all rows at once, no (C, V) tensor, see `vocab_stream.py`), chosen by
+`streams`. Per-row knobs live in `RowKnobs` tensors; the same math as `reference.py` for a single
+row (entropy and normalisers up to float rounding).
 """
 from __future__ import annotations
 

@@ -33,6 +33,11 @@ PRESETS = {
                    num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
                    num_global_key_value_heads=2, num_experts=8, top_k_experts=2, moe_intermediate_size=256,
                    canvas_length=256, sliding_window=512),
+    # the small network with DiffusionGemma's vocabulary and canvas: the step's vocabulary side dominates
+    "real-vocab": dict(vocab_size=262144, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=64,
+                       num_global_key_value_heads=2, num_experts=8, top_k_experts=2, moe_intermediate_size=128,
+                       canvas_length=256, sliding_window=512),
     "26b-a4b": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
                     num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2, head_dim=256,
                     global_head_dim=512, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
@@ -172,6 +177,22 @@ def run_transformers_fresh(path: Path, batch: int, prompt_len: int, max_tokens: 
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def transformers_temporaries(batch: int, canvas: int, vocab: int) -> int:
+    """Bytes of the fp32 (batch, canvas, vocab) tensors transformers' generate() holds at once
+    (logits, softcapped, tempered, probabilities, the sampler's and the entropy's temporaries):
+    about eight, from its peak resident memory at batch 1 on the real-vocab preset (2.9 GB)."""
+    return 8 * batch * canvas * vocab * 4
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new process (Linux MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def run_transformers(path: Path, batch: int, prompt_len: int, max_tokens: int, steps: int, vocab: int,
                      repeat: int = 1) -> float:
     """tok/s of transformers' generate() (default backends, checkpoint dtype), same fixed steps;
@@ -210,11 +231,13 @@ def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
     """Time one denoising step's parts on `batch` rows: network (the decoder forward plus the bare
     LM-head and soft-embedding matmuls) vs sampler (softcap, temperature, softmax, entropy, sort,
     sampling, acceptance: the sampler's own call on fixed hidden states, less its two matmuls, so
-    that the decoder's timing noise does not enter it)."""
+    that the decoder's timing noise does not enter it). The bare matmuls materialise (batch, C, V)
+    fp32 logits and probabilities: `batch` shrinks until each fits 512 MB."""
     from .diffusion.sampler import denoise_rows
     from .engine.request import SamplingParams
 
     model, runner, c = llm.model, llm.runner, llm.model.config.canvas_length
+    batch = max(1, min(batch, (512 << 20) // (4 * c * model.config.vocab_size)))
     prompts = prompts_for(batch, prompt_len, model.config.vocab_size)
     slots, lengths = list(range(batch)), [prompt_len] * batch
     for i, p in zip(slots, prompts):
@@ -243,7 +266,7 @@ def step_breakdown(llm, batch: int, prompt_len: int) -> dict:
     cfg = model.config
     per_token = 2 * active_params(cfg) + 4 * cfg.vocab_size * cfg.hidden_size     # + LM head + soft embedding
     network = t_dec + t_head + t_soft
-    return {"step_s": t_step, "network_s": network, "sampler_s": max(t_rows - t_head - t_soft, 0.0),
+    return {"rows": batch, "step_s": t_step, "network_s": network, "sampler_s": max(t_rows - t_head - t_soft, 0.0),
             "network_gflops": per_token * batch * c / network / 1e9}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from math import nan
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,8 @@ def add_parser(sub) -> None:
                        description="Measure blockdiff's engine against transformers' generate() and AR decoding "
                                    "on the same random-weight checkpoint. The last output line is JSON.")
     p.add_argument("--preset", choices=sorted(bench.PRESETS), default="small",
-                   help="model shapes: small (10M), medium (54M), 26b-a4b (released shapes, GPU) (default small)")
+                   help="model shapes: small (10M), medium (54M), real-vocab (the small network with a 262,144-token "
+                        "vocabulary and canvas 256), 26b-a4b (released shapes, GPU) (default small)")
     p.add_argument("--steps", type=int, default=16, help="fixed denoising steps per canvas (default 16)")
     p.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     p.add_argument("--canvases", type=int, default=2, help="canvases generated per request (default 2)")
@@ -27,6 +29,7 @@ def add_parser(sub) -> None:
                    help="time each blockdiff and transformers run this many times and keep the fastest "
                         "(shared machines are noisy; default 1)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--no-adaptive", action="store_true", help="time fixed-step runs only, not adaptive stopping too")
     p.add_argument("--sampler-budget-mb", type=float, default=256, help="sampler temporary memory budget (MB)")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="where the plot and checkpoint go")
     p.add_argument("--quant", metavar="SCHEME", default=None,
@@ -81,7 +84,7 @@ def measure(args, ckpt: Path) -> int:
               sampler_memory_mb=args.sampler_budget_mb, compile=args.compile)
     res["compile"] = llm.compiled
     for bs in sizes:
-        for mode, fixed in (("fixed", True), ("adaptive", False)):
+        for mode, fixed in (("fixed", True), ("adaptive", False))[:1 if args.no_adaptive else 2]:
             r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, fixed, args.repeat)
             res.update({f"{mode}_bs{bs}_{k}": v for k, v in r.items()})
             print(f"blockdiff {mode:8s} bs={bs:3d}: {r['tok_s']:8.1f} tok/s  p50 {r['p50_s']:.2f}s  "
@@ -97,19 +100,32 @@ def measure(args, ckpt: Path) -> int:
     res.update(peak_sampler_mem_mb=mem["peak_mb"], sampler_mem_budget_mb=mem["budget_mb"],
                sampler_mem_naive_mb=mem["one_full_logits_tensor_mb"], sampler_mem_completed=mem["completed"])
     if not args.no_transformers and args.preset != "26b-a4b":
-        for bs in (1, 16):
-            if f"fixed_bs{bs}_tok_s" not in res:          # same batch size on both sides
-                r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, True, args.repeat)
-                res[f"fixed_bs{bs}_tok_s"] = r["tok_s"]
-            hf = bench.run_transformers_fresh(ckpt, bs, args.prompt_len, max_tokens, args.steps, model.config.vocab_size,
-                                              args.repeat)
-            res[f"transformers_bs{bs}_tok_s"] = hf
-            res[f"speedup_vs_transformers_bs{bs}"] = res[f"fixed_bs{bs}_tok_s"] / hf
-        res["speedup_vs_transformers_bs1_fp32"] = res["blockdiff_fp32_bs1_tok_s"] / res["transformers_bs1_tok_s"]
+        compare_transformers(args, res, llm, ckpt, max_tokens)
     print_table(res, sizes)
     plot(res, sizes, args.out / f"bench_{args.preset}.png")
     print(json.dumps(res, sort_keys=True))
     return 0
+
+
+def compare_transformers(args, res: dict, llm, ckpt: Path, max_tokens: int) -> None:
+    """transformers' generate() at batch 1 and 16 beside blockdiff's fixed-step runs; a batch size whose
+    (batch x canvas x vocab) fp32 temporaries would not fit half the available memory is skipped
+    (its estimate is recorded)."""
+    cfg = llm.model.config
+    for bs in (1, 16):
+        need = bench.transformers_temporaries(bs, cfg.canvas_length, cfg.vocab_size)
+        if need > bench.available_memory() / 2:
+            res[f"transformers_bs{bs}_skipped_need_gb"] = need / 2**30
+            print(f"transformers bs={bs} skipped: ~{need / 2**30:.0f} GB of temporaries", file=sys.stderr, flush=True)
+            continue
+        if f"fixed_bs{bs}_tok_s" not in res:          # same batch size on both sides
+            r = bench.run_engine(llm, bs, args.prompt_len, max_tokens, args.steps, True, args.repeat)
+            res[f"fixed_bs{bs}_tok_s"] = r["tok_s"]
+        hf = bench.run_transformers_fresh(ckpt, bs, args.prompt_len, max_tokens, args.steps, cfg.vocab_size, args.repeat)
+        res[f"transformers_bs{bs}_tok_s"] = hf
+        res[f"speedup_vs_transformers_bs{bs}"] = res[f"fixed_bs{bs}_tok_s"] / hf
+    if "transformers_bs1_tok_s" in res:
+        res["speedup_vs_transformers_bs1_fp32"] = res["blockdiff_fp32_bs1_tok_s"] / res["transformers_bs1_tok_s"]
 
 
 def print_table(res: dict, sizes: list[int]) -> None:
@@ -117,7 +133,7 @@ def print_table(res: dict, sizes: list[int]) -> None:
           f"{res['steps']} steps, canvas {res['canvas']}, {res['max_tokens']} tokens/request")
     print(f"{'batch':>6} {'fixed tok/s':>12} {'adaptive tok/s':>15} {'p50 s':>7} {'p99 s':>7} {'peak MB':>8}")
     for bs in sizes:
-        print(f"{bs:>6} {res[f'fixed_bs{bs}_tok_s']:>12.1f} {res[f'adaptive_bs{bs}_tok_s']:>15.1f} "
+        print(f"{bs:>6} {res[f'fixed_bs{bs}_tok_s']:>12.1f} {res.get(f'adaptive_bs{bs}_tok_s', nan):>15.1f} "
               f"{res[f'fixed_bs{bs}_p50_s']:>7.2f} {res[f'fixed_bs{bs}_p99_s']:>7.2f} "
               f"{res[f'fixed_bs{bs}_peak_mem_mb']:>8.0f}")
     for key in ("transformers_bs1_tok_s", "transformers_bs16_tok_s", "speedup_vs_transformers_bs1",
@@ -134,7 +150,8 @@ def plot(res: dict, sizes: list[int], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(sizes, [res[f"fixed_bs{b}_tok_s"] for b in sizes], "o-", label=f"blockdiff, {res['steps']} fixed steps")
-    ax.plot(sizes, [res[f"adaptive_bs{b}_tok_s"] for b in sizes], "s--", label="blockdiff, adaptive stop")
+    if f"adaptive_bs{sizes[0]}_tok_s" in res:
+        ax.plot(sizes, [res[f"adaptive_bs{b}_tok_s"] for b in sizes], "s--", label="blockdiff, adaptive stop")
     hf = [(b, res[f"transformers_bs{b}_tok_s"]) for b in (1, 16) if f"transformers_bs{b}_tok_s" in res]
     if hf:
         ax.plot(*zip(*hf), "x:", label="transformers generate()")

@@ -69,17 +69,28 @@ def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -
         target = (u * cdf[..., -1]).unsqueeze(-1)
         return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=v - 1)
     blocks = probs.view(r, c, v // block, block)
-    sums = blocks.sum(-1)                                                   # (R, C, nb)
-    cdf = torch.cumsum(sums, dim=-1)
-    target = (u * cdf[..., -1]).unsqueeze(-1)                               # (R, C, 1)
-    b = torch.searchsorted(cdf, target, right=True).clamp_(max=v // block - 1)
+    b, target, before = locate_block(blocks.sum(-1), u)                         # (R, C, 1) each
     inner = blocks.gather(2, b[..., None].expand(r, c, 1, block)).squeeze(2)    # (R, C, block)
-    inner_cdf = torch.cumsum(inner, dim=-1) + (cdf.gather(-1, b) - sums.gather(-1, b))
-    j = torch.searchsorted(inner_cdf, target, right=True)
+    return (b * block + locate_in_block(inner, target, before)).squeeze(-1)
+
+
+def locate_block(sums: torch.Tensor, u: torch.Tensor):
+    """Block sums (..., nb), u (...) -> (block b, target u * total, mass before block b), each (..., 1):
+    the block holding the first index whose cumulative mass exceeds the target."""
+    cdf = torch.cumsum(sums, dim=-1)
+    target = (u * cdf[..., -1]).unsqueeze(-1)
+    b = torch.searchsorted(cdf, target, right=True).clamp_(max=sums.shape[-1] - 1)
+    return b, target, cdf.gather(-1, b) - sums.gather(-1, b)
+
+
+def locate_in_block(inner: torch.Tensor, target: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """inner (..., block) masses of the chosen block -> (..., 1) index inside it of the first token
+    whose cumulative mass (from `before`) exceeds `target`."""
+    block = inner.shape[-1]
+    j = torch.searchsorted(torch.cumsum(inner, dim=-1) + before, target, right=True)
     # rounding can leave the block's last cumulative value <= target: take its last non-zero token
     last = block - 1 - (inner > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
-    j = torch.where(j >= block, last, j)
-    return (b * block + j).squeeze(-1)
+    return torch.where(j >= block, last, j)
 
 
 class TorchNoise:

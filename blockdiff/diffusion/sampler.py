@@ -4,9 +4,11 @@ Given the decoder's hidden states (R, C, H) for R canvases, computes for every r
 sync and no Python loop over rows: tempered logits, entropy, argmax, the sampled tokens
 (inverse-CDF with counter-based uniforms, so a row's draw does not depend on the batch), entropy-
 bound acceptance, renoising, the stable-and-confident test and the next self-conditioning input.
-The (R, C, V) logits are processed in row tiles so temporary memory stays under a byte budget.
-Per-row knobs live in `RowKnobs` tensors; the same math as `reference.py` for a single row
-(entropy up to float rounding, see `denoise_tile`).
+Two ways over the vocabulary, the same math: materialised (`denoise_tile`: (r, C, V) logits for a
+tile of rows, row tiles under a byte budget) and streamed (`denoise_tile_streamed`: tiles of the
+embedding matrix for all rows at once, no (C, V) tensor, see `vocab_stream.py`), chosen by
+`streams`. Per-row knobs live in `RowKnobs` tensors; the same math as `reference.py` for a single
+row (entropy and normalisers up to float rounding).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import torch
 
 from .noise import RENOISE, hash_tokens, hash_uniform, inverse_cdf_sample
 from .acceptance import entropy_bound_accept
+from .vocab_stream import BLOCK, TILE_BYTES, Head, sample_from_blocks, stream_vocab, tile_width
+from .vocab_top import kept_blocks, top_threshold
 
 
 @dataclass
@@ -44,6 +48,9 @@ class StepOut:
     max_prob: torch.Tensor        # (R, C) fp32 max probability per position
     soft: torch.Tensor            # (R, C, H) next self-conditioning soft embedding
     stop: torch.Tensor            # (R,) bool: stable and confident (fixed rows: never)
+
+
+STREAM_MIN_VOCAB = 32768      # see `streams`
 
 
 def rows_per_tile(canvas: int, vocab: int, budget_bytes: int) -> int:
@@ -96,14 +103,20 @@ def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: to
     return proc, probs, argmax, max_prob, ent
 
 
+def model_softcap_table(model) -> torch.Tensor | None:
+    """The softcap table of the model's 16-bit logits; None for fp32 logits or no softcap."""
+    w, cap = model.embed_tokens.weight, model.config.final_logit_softcapping
+    if not cap or w.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return softcap_table(cap, w.dtype, str(w.device))
+
+
 def eager_sampler_core(model):
     """`sampler_core` with the softcap table of the model's 16-bit logits bound (none for fp32).
     Eager only: compiled, the gather is repeated inside each fused pass and runs slower than
     inductor's own tanh."""
-    w, cap = model.embed_tokens.weight, model.config.final_logit_softcapping
-    if not cap or w.dtype not in (torch.bfloat16, torch.float16):
-        return sampler_core
-    return functools.partial(sampler_core, table=softcap_table(cap, w.dtype, str(w.device)))
+    table = model_softcap_table(model)
+    return sampler_core if table is None else functools.partial(sampler_core, table=table)
 
 
 @functools.cache
@@ -113,14 +126,18 @@ def compiled_sampler_core():
     return torch.compile(sampler_core, dynamic=True)
 
 
+def row_temperature(knobs: RowKnobs, step_idx: torch.Tensor) -> torch.Tensor:
+    """(R,) fp32 temperature of each row's step, the reference's schedule times the row's scale."""
+    cur = (knobs.max_denoising_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
+    return (knobs.t_min + knobs.t_span * (cur / knobs.max_denoising_steps.to(torch.int32))) * knobs.temp_scale
+
+
 def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
                  core=sampler_core):
     """hidden (r, C, H) -> (argmax, sampled, accept, max_prob, soft, entropy) for a tile of rows.
     `core`: `sampler_core`, `eager_sampler_core(model)` or `compiled_sampler_core()`."""
-    cur = (knobs.max_denoising_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
-    temp = knobs.t_min + knobs.t_span * (cur / knobs.max_denoising_steps.to(torch.int32))
     w = model.embed_tokens.weight
-    proc, probs, argmax, max_prob, ent = core(torch.nn.functional.linear(hidden, w), temp * knobs.temp_scale,
+    proc, probs, argmax, max_prob, ent = core(torch.nn.functional.linear(hidden, w), row_temperature(knobs, step_idx),
                                                 model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
         if (use_k or use_p) else probs
@@ -131,17 +148,64 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
     return argmax, sampled, accept, max_prob, soft, ent
 
 
+def denoise_tile_streamed(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
+                          budget_bytes: int):
+    """`denoise_tile` with the vocabulary streamed in tiles (see `vocab_stream.py`): the same outputs,
+    and no (r, C, V) tensor. Positions of all r rows share each tile of the embedding matrix."""
+    (r, c, hidden_size), w = hidden.shape, model.embed_tokens.weight
+    head = Head(w, model.config.final_logit_softcapping, model_softcap_table(model))
+    h, temp = hidden.reshape(r * c, hidden_size), row_temperature(knobs, step_idx).repeat_interleave(c)
+    tile = tile_width(r * c, w.shape[0], min(TILE_BYTES, budget_bytes // 4))
+    stats = stream_vocab(head, h, temp, tile)
+    blocks, kept_bits = stats.blocks, None
+    if use_k or use_p:
+        tau = top_threshold(head, h, temp, stats.m, tile, knobs.top_k.repeat_interleave(c),
+                            knobs.top_p.repeat_interleave(c), use_k, use_p)
+        blocks, kept_bits = kept_blocks(head, h, temp, stats.m, tile, tau)
+    u = hash_uniform(knobs.seed, canvas_idx, step_idx, c).reshape(-1)
+    chunk = max(64, budget_bytes // (2 * BLOCK * hidden_size * w.element_size()))   # positions per gather
+    sampled = sample_from_blocks(head, h, temp, blocks, stats.m, u, chunk, kept_bits).view(r, c)
+    argmax, ent = stats.argmax.view(r, c), stats.entropy.view(r, c)
+    sampled = torch.where(knobs.greedy[:, None], argmax, sampled)
+    accept = entropy_bound_accept(ent, knobs.entropy_bound[:, None])
+    soft = (stats.soft / stats.z[:, None]).to(w.dtype) * model.embed_scale(w.dtype).to(w.device)
+    return argmax, sampled, accept, (1 / stats.z).view(r, c), soft.view(r, c, hidden_size), ent
+
+
+def streams(canvas: int, vocab: int, budget_bytes: int) -> bool:
+    """Stream the vocabulary from STREAM_MIN_VOCAB tokens on, or where one row's materialised
+    temporaries would not fit the budget."""
+    return vocab >= STREAM_MIN_VOCAB or 5 * 4 * canvas * vocab > budget_bytes
+
+
+def streamed_rows_per_tile(canvas: int, vocab: int, hidden: int, budget_bytes: int, top: bool) -> int:
+    # per position: block sums and their kept / rescaled copies, the soft embedding, top-k / top-p
+    # histograms (two float64 (2**11 + 1) per search level), one block of gathered logits
+    per_position = 12 * -(-vocab // BLOCK) + 8 * hidden + 8 * BLOCK + (4 * 8 * 2049 if top else 0)
+    return max(1, budget_bytes // (canvas * per_position))
+
+
 def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,
-                 use_k: bool = False, use_p: bool = False, core=sampler_core) -> tuple[StepOut, torch.Tensor]:
+                 use_k: bool = False, use_p: bool = False, core=sampler_core,
+                 stream: bool | None = None) -> tuple[StepOut, torch.Tensor]:
     """All rows in tiles. history (R, S_max, C) previous argmax canvases (-1 filled at canvas start).
-    Returns the step outputs and the updated history."""
-    r, c, _ = hidden.shape
-    tile = rows_per_tile(c, model.config.vocab_size, budget_bytes)
+    `stream`: the vocabulary streamed (`denoise_tile_streamed`) or materialised per row tile
+    (`denoise_tile`, with `core`); None chooses by `streams`. Returns the step outputs and the
+    updated history."""
+    r, c, hidden_size = hidden.shape
+    vocab = model.config.vocab_size
+    stream = streams(c, vocab, budget_bytes) if stream is None else stream
+    if stream:
+        tile = streamed_rows_per_tile(c, vocab, hidden_size, budget_bytes, use_k or use_p)
+        step = functools.partial(denoise_tile_streamed, budget_bytes=budget_bytes)
+    else:
+        tile = rows_per_tile(c, vocab, budget_bytes)
+        step = functools.partial(denoise_tile, core=core)
     parts = []
     for lo in range(0, r, tile):
         sl = slice(lo, lo + tile)
         sub = RowKnobs(*(getattr(knobs, f)[sl] for f in RowKnobs.__dataclass_fields__))
-        parts.append(denoise_tile(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p, core))
+        parts.append(step(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p))
     argmax, sampled, accept, conf, soft, ent = (torch.cat(x) for x in zip(*parts))
     noise = hash_tokens(knobs.seed, canvas_idx, step_idx, RENOISE, c, model.config.vocab_size)
     next_canvas = torch.where(accept, sampled, noise)

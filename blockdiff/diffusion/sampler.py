@@ -76,19 +76,24 @@ def softcap_table(cap: float, dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.tanh(bits.view(dtype).float() / cap) * cap
 
 
-def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: torch.Tensor | None = None):
-    """Raw LM-head output (r, C, V) -> tempered fp32 logits, probs, argmax, max_prob, entropy.
-    Softcap (from `table` when given: `softcap_table` of the logits' dtype) then divide by the
-    temperature, exactly as the reference. Entropy is `logsumexp - sum(p * logits)`, from the
-    softmax already computed (equal to the reference's Categorical entropy up to float rounding)
-    to save passes over (C x V)."""
+def processed_logits(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: torch.Tensor | None = None):
+    """Raw LM-head output (r, C, V) -> fp32 softcap(logits) / temp, temp (r,)."""
     if table is not None:
         proc = torch.take(table, logits.view(torch.int16).to(torch.int64) + 32768)
     elif cap:
         proc = torch.tanh(logits.float() / cap) * cap
     else:
         proc = logits.float()
-    proc = proc / temp[:, None, None]
+    return proc / temp[:, None, None]
+
+
+def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: torch.Tensor | None = None):
+    """Raw LM-head output (r, C, V) -> tempered fp32 logits, probs, argmax, max_prob, entropy.
+    Softcap (from `table` when given: `softcap_table` of the logits' dtype) then divide by the
+    temperature, exactly as the reference. Entropy is `logsumexp - sum(p * logits)`, from the
+    softmax already computed (equal to the reference's Categorical entropy up to float rounding)
+    to save passes over (C x V)."""
+    proc = processed_logits(logits, temp, cap, table)
     probs = torch.softmax(proc, dim=-1)
     top, argmax = proc.max(dim=-1)
     max_prob = probs.amax(-1)                                      # = 1 / sum(exp(proc - top))
@@ -96,14 +101,20 @@ def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: to
     return proc, probs, argmax, max_prob, ent
 
 
+def model_softcap_table(model) -> torch.Tensor | None:
+    """The softcap table of the model's 16-bit logits; None for fp32 logits or no softcap."""
+    w, cap = model.embed_tokens.weight, model.config.final_logit_softcapping
+    if not cap or w.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return softcap_table(cap, w.dtype, str(w.device))
+
+
 def eager_sampler_core(model):
     """`sampler_core` with the softcap table of the model's 16-bit logits bound (none for fp32).
     Eager only: compiled, the gather is repeated inside each fused pass and runs slower than
     inductor's own tanh."""
-    w, cap = model.embed_tokens.weight, model.config.final_logit_softcapping
-    if not cap or w.dtype not in (torch.bfloat16, torch.float16):
-        return sampler_core
-    return functools.partial(sampler_core, table=softcap_table(cap, w.dtype, str(w.device)))
+    table = model_softcap_table(model)
+    return sampler_core if table is None else functools.partial(sampler_core, table=table)
 
 
 @functools.cache
@@ -113,14 +124,18 @@ def compiled_sampler_core():
     return torch.compile(sampler_core, dynamic=True)
 
 
+def row_temperature(knobs: RowKnobs, step_idx: torch.Tensor) -> torch.Tensor:
+    """(R,) fp32 temperature of each row's step, the reference's schedule times the row's scale."""
+    cur = (knobs.max_denoising_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
+    return (knobs.t_min + knobs.t_span * (cur / knobs.max_denoising_steps.to(torch.int32))) * knobs.temp_scale
+
+
 def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
                  core=sampler_core):
     """hidden (r, C, H) -> (argmax, sampled, accept, max_prob, soft, entropy) for a tile of rows.
     `core`: `sampler_core`, `eager_sampler_core(model)` or `compiled_sampler_core()`."""
-    cur = (knobs.max_denoising_steps - step_idx).to(torch.int32)             # remaining steps, N .. 1
-    temp = knobs.t_min + knobs.t_span * (cur / knobs.max_denoising_steps.to(torch.int32))
     w = model.embed_tokens.weight
-    proc, probs, argmax, max_prob, ent = core(torch.nn.functional.linear(hidden, w), temp * knobs.temp_scale,
+    proc, probs, argmax, max_prob, ent = core(torch.nn.functional.linear(hidden, w), row_temperature(knobs, step_idx),
                                                 model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
         if (use_k or use_p) else probs
@@ -132,16 +147,18 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
 
 
 def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,
-                 use_k: bool = False, use_p: bool = False, core=sampler_core) -> tuple[StepOut, torch.Tensor]:
+                 use_k: bool = False, use_p: bool = False, core=sampler_core,
+                 tile_step=denoise_tile) -> tuple[StepOut, torch.Tensor]:
     """All rows in tiles. history (R, S_max, C) previous argmax canvases (-1 filled at canvas start).
-    Returns the step outputs and the updated history."""
+    `tile_step`: `denoise_tile` or a function with its signature and results (the vocabulary-parallel
+    one of tensor parallelism). Returns the step outputs and the updated history."""
     r, c, _ = hidden.shape
     tile = rows_per_tile(c, model.config.vocab_size, budget_bytes)
     parts = []
     for lo in range(0, r, tile):
         sl = slice(lo, lo + tile)
         sub = RowKnobs(*(getattr(knobs, f)[sl] for f in RowKnobs.__dataclass_fields__))
-        parts.append(denoise_tile(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p, core))
+        parts.append(tile_step(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p, core))
     argmax, sampled, accept, conf, soft, ent = (torch.cat(x) for x in zip(*parts))
     noise = hash_tokens(knobs.seed, canvas_idx, step_idx, RENOISE, c, model.config.vocab_size)
     next_canvas = torch.where(accept, sampled, noise)

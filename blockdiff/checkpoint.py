@@ -71,7 +71,7 @@ def _skeleton(config: ModelConfig, quant, keys: set[str] | None, shard=None) -> 
         from .quant.load import quantize_skeleton
         quantize_skeleton(model, quant, keys)
         if shard is not None:
-            shard.hold_quantized_experts(model)
+            shard.finish_quantized(model)
     return model
 
 

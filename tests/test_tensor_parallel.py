@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from blockdiff.checkpoint import load_model, settled_config
 from blockdiff.config import ModelConfig
 from blockdiff.distributed.executor import WorkerError, rank_devices
 from blockdiff.distributed.layout import Layout
@@ -17,6 +18,7 @@ from blockdiff.engine.engine import LLM
 from blockdiff.engine.request import SamplingParams
 from blockdiff.model.layers import Experts
 from blockdiff.model.transformer import DiffusionGemma
+from blockdiff.quant.convert import quantize
 from blockdiff.random_model import create_random_model, tiny_config, tiny_vision_config
 
 CORES = len(os.sched_getaffinity(0))
@@ -155,6 +157,48 @@ def test_experts_held_by_four_ranks_add_up_to_all_experts(grouped):
     w = torch.rand(37, 2, generator=gen)
     with torch.no_grad():
         assert torch.equal(sum(p(x, w, idx) for p in parts), full(x, w, idx))
+
+
+@pytest.fixture(scope="module")
+def int4_packs(tmp_path_factory):
+    """w4a16 (int4 linears and experts) of a config whose int4 groups split over two ranks (o_proj
+    and down_proj: 256 inputs, two groups of 128), and of the default tiny config (one group of 64)."""
+    root = tmp_path_factory.mktemp("tp_int4")
+    wide = create_random_model(root / "wide", tiny_config(head_dim=64, global_head_dim=64, intermediate_size=256),
+                               seed=1)
+    narrow = create_random_model(root / "narrow", tiny_config(), seed=1)
+    return quantize(wide, root / "wide-w4a16", "w4a16", progress=False), \
+        quantize(narrow, root / "narrow-w4a16", "w4a16", progress=False)
+
+
+def test_int4_checkpoint_splits_along_packed_words_and_groups(int4_packs):
+    """Two ranks' parts of an int4 checkpoint, loaded in one process: column-parallel outputs side by
+    side, and expert outputs summed, equal the whole model's (the same packed values and scales,
+    sliced along the axis they were packed on); row-parallel outputs summed agree within bf16
+    rounding (the int4 kernel takes and returns bf16, so each rank's partial sum is rounded)."""
+    path = int4_packs[0]
+    whole = load_model(path, dtype="float32")
+    layout = Layout.check(settled_config(path), 2)
+    parts = [load_model(path, dtype="float32", shard=layout.shard(r)) for r in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    x, h = torch.randn(9, 64, generator=gen), torch.randn(9, 256, generator=gen)
+    idx = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(9)])
+    w = torch.rand(9, 2, generator=gen)
+    layer, ranks = whole.layers[1], [p.layers[1] for p in parts]
+    with torch.no_grad():
+        q = torch.cat([r.self_attn.q_proj(x) for r in ranks], dim=-1)
+        torch.testing.assert_close(q, layer.self_attn.q_proj(x), rtol=1e-5, atol=1e-6)
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            split = sum(r.get_submodule(name)(h[:, 128 * i:128 * (i + 1)]) for i, r in enumerate(ranks))
+            one = layer.get_submodule(name)(h)
+            assert (split - one).norm() / one.norm() < 2 ** -7, name
+        assert torch.equal(sum(r.experts(x, w, idx) for r in ranks), layer.experts(x, w, idx))
+
+
+def test_int4_groups_that_straddle_ranks_are_named(int4_packs):
+    path = int4_packs[1]
+    with pytest.raises(ValueError, match="o_proj': int4 groups of 64 inputs do not split over 2 ranks"):
+        load_model(path, shard=Layout.check(settled_config(path), 2).shard(0))
 
 
 @pytest.mark.parametrize("world, overrides, field", [

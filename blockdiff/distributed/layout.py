@@ -30,7 +30,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model.transformer import DiffusionGemma
-from ..quant.modules import QuantExperts
+from ..quant.modules import QuantExperts, QuantLinear
 
 # (pattern over our parameter names, what the rank holds). A linear's tensors are its dense `weight`,
 # or, quantized (compressed-tensors), its int8/fp8 `weight` or int4 `weight_packed` and `weight_scale`.
@@ -179,14 +179,19 @@ class Shard:
                 experts.hold(first, last - first, layout.config.num_experts)
         return model
 
-    def hold_quantized_experts(self, model: DiffusionGemma) -> None:
+    def finish_quantized(self, model: DiffusionGemma) -> None:
         """After the quantized modules replaced the skeleton's (`quant.load.quantize_skeleton` builds
-        every expert): keep this rank's E / N experts."""
+        every expert, and int4 linears with the rank's input size): keep this rank's E / N experts,
+        and refuse an int4 linear whose scale groups straddle two ranks."""
         first, last = self.layout.expert_range(self.rank)
-        for layer in model.layers:
-            experts = layer.experts
-            if isinstance(experts, QuantExperts) and experts.num_experts > last - first:
-                for e in range(last - first, experts.num_experts):
-                    del experts._modules[str(e)]
-                experts.num_experts = last - first
-                experts.hold(first, last - first, self.layout.config.num_experts)
+        for name, module in model.named_modules():
+            if isinstance(module, QuantExperts) and module.num_experts > last - first:
+                for e in range(last - first, module.num_experts):
+                    del module._modules[str(e)]
+                module.num_experts = last - first
+                module.hold(first, last - first, self.layout.config.num_experts)
+            elif isinstance(module, QuantLinear) and module.args.bits == 4 and module.args.group_size and \
+                    module.in_features % module.args.group_size:
+                raise ValueError(f"'{name}': int4 groups of {module.args.group_size} inputs do not split over "
+                                 f"{self.layout.world} ranks ({module.in_features} inputs per rank); quantize "
+                                 "with smaller groups or use fewer ranks")

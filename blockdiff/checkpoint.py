@@ -8,6 +8,9 @@ shaped tensor raises `CheckpointError` naming it. Safetensors only; nothing is u
 A config.json with a `quantization_config` (compressed-tensors) gets quantized modules in place of the
 linears and experts it names (`quant/load.py`); their integer tensors keep their dtype, `dtype` applies
 to the float ones, and the memory check counts the quantized sizes.
+With a `shard` (one rank's part of a tensor-parallel model, `distributed/layout.py`), the model is
+that rank's skeleton, only its slice of each tensor is read and checked, and the memory check
+counts that part.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch
 
 
 def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               revision: str | None = None, check_memory: bool = True) -> DiffusionGemma:
+               revision: str | None = None, check_memory: bool = True, shard=None) -> DiffusionGemma:
     """Load a DiffusionGemma checkpoint (a directory in the HF layout, or a hub id) onto `device` in
     `dtype` (default: the checkpoint's). The model gets a vision tower exactly when the checkpoint
     holds its tensors. The memory check runs on config.json alone, before any weight is fetched."""
@@ -44,7 +47,7 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
     torch_dtype = resolve_dtype(dtype, config)
     quant = config.extra.get("quantization_config")
     if check_memory:        # an upper bound: the vision tower counts if the config has one
-        sized = _skeleton(config, quant, None)
+        sized = _skeleton(config, quant, None, shard)
         nbytes = sum(t.numel() * _stored_dtype(t.dtype, torch_dtype).itemsize
                      for t in [*sized.parameters(), *sized.buffers()])
         check_fits(nbytes, device, f"the weights of {model} in {str(torch_dtype).removeprefix('torch.')}")
@@ -52,20 +55,23 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
     files = weight_files(path)
     keys = checkpoint_keys(files)
     settle_vision(config, keys)
-    model_obj = _load_weights(_skeleton(config, quant, keys), path, files, torch_dtype, device)
+    model_obj = _load_weights(_skeleton(config, quant, keys, shard), path, files, torch_dtype, device, shard)
     if quant is not None:
         from .quant.load import pack_for_kernels
         pack_for_kernels(model_obj)
     return model_obj
 
 
-def _skeleton(config: ModelConfig, quant, keys: set[str] | None) -> DiffusionGemma:
-    """The model on the meta device, with quantized modules where a quantization_config says so."""
+def _skeleton(config: ModelConfig, quant, keys: set[str] | None, shard=None) -> DiffusionGemma:
+    """The model (or a rank's part) on the meta device, with quantized modules where a
+    quantization_config says so."""
     with torch.device("meta"):
-        model = DiffusionGemma(config)
+        model = DiffusionGemma(config) if shard is None else shard.skeleton(config)
     if quant is not None:
         from .quant.load import quantize_skeleton
         quantize_skeleton(model, quant, keys)
+        if shard is not None:
+            shard.finish_quantized(model)
     return model
 
 
@@ -75,7 +81,7 @@ def _stored_dtype(expected: torch.dtype, dtype: torch.dtype) -> torch.dtype:
 
 
 def _load_weights(model: DiffusionGemma, path: Path, files: list[Path], torch_dtype: torch.dtype,
-                  device) -> DiffusionGemma:
+                  device, shard=None) -> DiffusionGemma:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     kinds = {name: t.dtype for name, t in model.state_dict().items()}
     state, found = {}, {}
@@ -86,12 +92,17 @@ def _load_weights(model: DiffusionGemma, path: Path, files: list[Path], torch_dt
                     found[key] = file.name
                     kind, name = to_ours(key)
                     shape = tuple(f.get_slice(key).get_shape())
+                    if shard is not None:
+                        name = shard.local_name(name)
+                        if name is None:          # an expert another rank holds
+                            continue
+                        shape = shard.shape(name, shape)
                     if name not in expected:
                         raise CheckpointError(f"unexpected tensor '{key}' in {file.name}")
                     if shape != expected[name]:
                         raise CheckpointError(f"tensor '{key}' has shape {list(shape)}, expected {list(expected[name])}")
                     if kind == "load":
-                        state[name] = _read(f, key, kinds[name], torch_dtype, device)
+                        state[name] = _read(f, key, kinds[name], torch_dtype, device, shard and (shard, name))
         except SafetensorError as err:
             raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
     check_index(path, found)
@@ -114,15 +125,23 @@ def checkpoint_keys(files: list[Path]) -> set[str]:
     return keys
 
 
-def _read(f, key: str, expected: torch.dtype, dtype: torch.dtype, device) -> torch.Tensor:
-    """One tensor: float ones cast to `dtype`; integer and float8 ones must be stored as expected."""
-    t = f.get_tensor(key)
+def _read(f, key: str, expected: torch.dtype, dtype: torch.dtype, device, part=None) -> torch.Tensor:
+    """One tensor (`part`: (shard, our name) reads that rank's slice): float ones cast to `dtype`;
+    integer and float8 ones must be stored as expected."""
+    t = f.get_tensor(key) if part is None else part[0].read(f.get_slice(key), part[1])
     if _stored_dtype(expected, dtype) == dtype and t.dtype.is_floating_point and t.dtype.itemsize > 1:
         return t.to(device=device, dtype=dtype)
     if t.dtype != expected:
         raise CheckpointError(f"tensor '{key}' has dtype {str(t.dtype).replace('torch.', '')}, "
                               f"expected {str(expected).replace('torch.', '')}")
     return t.to(device)
+
+
+def settled_config(path: Path) -> ModelConfig:
+    """config.json of a local checkpoint directory as `load_model` builds the model from it."""
+    config = ModelConfig.from_file(path / "config.json")
+    settle_vision(config, checkpoint_keys(weight_files(path)))
+    return config
 
 
 def settle_vision(config: ModelConfig, keys: set[str]) -> None:

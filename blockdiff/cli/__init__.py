@@ -1,7 +1,8 @@
 """The `blockdiff` command line: every subcommand and its flags; the work lives in the library.
 
 Errors the user can fix (bad paths, bad options, bad checkpoints) print one line
-`blockdiff: error: ...` and exit with status 2, never a traceback.
+`blockdiff: error: ...` and exit with status 2, never a traceback; so does a tensor-parallel worker
+that dies (status 1).
 """
 from __future__ import annotations
 
@@ -32,3 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as err:
+        from ..distributed.executor import WorkerError     # imported only when needed
+
+        if not isinstance(err, WorkerError):
+            raise
+        print(f"blockdiff: error: {err}", file=sys.stderr)   # a tensor-parallel worker died: no traceback
+        return 1

@@ -1,5 +1,6 @@
 """Orchestrates `blockdiff bench`: runs the measurements of `bench.py`, prints a table, writes a PNG,
-and prints one JSON line last with every figure (the contract benchmark readers rely on)."""
+and prints one JSON line last with every figure (the contract benchmark readers rely on). With
+`--tensor-parallel-size N` it measures one device against N instead (`distributed/bench.py`)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import bench
-from .common import add_device_flags, setup
+from .common import add_device_flags, positive, setup
 
 
 def add_parser(sub) -> None:
@@ -43,7 +44,12 @@ def run(args) -> int:
     if args.repeat < 1:
         raise ValueError("--repeat must be >= 1")
     setup(args)
+    positive(args, "tensor_parallel_size")
     with tempfile.TemporaryDirectory(prefix="blockdiff-bench-") as tmp:
+        if args.tensor_parallel_size > 1:
+            from ..distributed.bench import measure_parallel
+
+            return measure_parallel(args, Path(tmp))
         return measure_quant(args, Path(tmp)) if args.quant else measure(args, Path(tmp))
 
 

@@ -2,7 +2,8 @@
 
 Every subcommand that loads a model takes the same `--model` (a directory or a hub id, resolved by
 `hub.py` where the model is loaded), `--revision`, `--generation-config`, `--chat-template`,
-`--dtype`, `--device`, `--compile`, `--threads` and `--max-model-len`; every subcommand that
+`--dtype`, `--device`, `--compile`, `--threads`, `--tensor-parallel-size` and `--max-model-len`;
+every subcommand that
 samples takes the `SamplingParams` knobs under their own names (`--max-denoising-steps`,
 `--entropy-bound`, ...). A knob flag left out stays unset, so the checkpoint's generation_config.json
 applies, else the built-in default shown in `--help` (read from `SamplingParams.built_in()`).
@@ -47,7 +48,7 @@ def default_model_dir() -> Path:
 def add_model_flags(p: argparse.ArgumentParser, *, max_model_len: int = 2048, compile_flag: bool = True,
                     positional: bool = False) -> None:
     """[MODEL_ID_OR_PATH] --model --revision --generation-config --chat-template --dtype --device
-    --max-model-len [--compile] --threads."""
+    --max-model-len [--compile] --threads --tensor-parallel-size."""
     where = ("a checkpoint directory (config.json + safetensors + tokenizer.json) or a Hugging Face hub id "
              "such as google/diffusiongemma-26B-A4B-it (downloaded to the HF cache; HF_TOKEN, HF_HUB_OFFLINE "
              "apply)")
@@ -69,7 +70,7 @@ def add_model_flags(p: argparse.ArgumentParser, *, max_model_len: int = 2048, co
 
 def add_device_flags(p: argparse.ArgumentParser, *, compile_flag: bool = True, dtype_choices=("float32", "bfloat16"),
                      device: str = "cpu") -> None:
-    """--dtype --device [--compile] --threads."""
+    """--dtype --device [--compile] --threads --tensor-parallel-size."""
     p.add_argument("--dtype", choices=dtype_choices, default=None,
                    help="weights and activations dtype (default: bfloat16 where the device has fast bf16, "
                         "else float32)")
@@ -80,6 +81,9 @@ def add_device_flags(p: argparse.ArgumentParser, *, compile_flag: bool = True, d
                             "compiling (default: on for CUDA, off for CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for tensor ops (default: torch's choice, one per physical core)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N devices, one worker process each: cuda:0..N-1 with "
+                        "--device cuda, N CPU processes sharing the cores with --device cpu (default 1)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, per_request: bool = True, **overrides) -> None:
@@ -128,8 +132,10 @@ def build_llm(args: argparse.Namespace, **engine_kwargs):
     """The `LLM` that the model flags describe, with `--chat-template` applied."""
     from ..engine.engine import LLM
 
+    positive(args, "tensor_parallel_size")
     llm = LLM(model_path(args), dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              revision=args.revision, generation_config=args.generation_config, **engine_kwargs)
+              revision=args.revision, generation_config=args.generation_config,
+              tensor_parallel_size=args.tensor_parallel_size, **engine_kwargs)
     if args.chat_template is not None:
         if llm.tokenizer is None:
             raise ValueError("--chat-template needs a tokenizer")

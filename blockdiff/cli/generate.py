@@ -24,17 +24,17 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     setup(args)
     params = sampling_params(args)
-    llm = build_llm(args, max_num_seqs=1)
-    images = [path.read_bytes() for path in args.image]       # decoded and checked by the engine
-    prompt = args.prompt
-    if args.chat:
-        parts = [{"type": "image", "image": data} for data in images] + [{"type": "text", "text": prompt}]
-        prompt = llm.inputs.chat([{"role": "user", "content": parts if images else prompt}])
-    elif images:
-        marker = llm.tokenizer.image_token
-        text = prompt if marker in prompt else marker * len(images) + prompt
-        prompt = {"prompt": text, "multi_modal_data": {"image": images}}
-    for out in llm.stream(prompt, params):      # print each canvas's text as it commits
-        print(out.delta_text, end="", flush=True)
+    with build_llm(args, max_num_seqs=1) as llm:          # closing stops tensor-parallel workers
+        images = [path.read_bytes() for path in args.image]       # decoded and checked by the engine
+        prompt = args.prompt
+        if args.chat:
+            parts = [{"type": "image", "image": data} for data in images] + [{"type": "text", "text": prompt}]
+            prompt = llm.inputs.chat([{"role": "user", "content": parts if images else prompt}])
+        elif images:
+            marker = llm.tokenizer.image_token
+            text = prompt if marker in prompt else marker * len(images) + prompt
+            prompt = {"prompt": text, "multi_modal_data": {"image": images}}
+        for out in llm.stream(prompt, params):      # print each canvas's text as it commits
+            print(out.delta_text, end="", flush=True)
     print()
     return 0

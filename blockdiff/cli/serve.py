@@ -65,5 +65,8 @@ def run(args: argparse.Namespace) -> int:
         llm.warm_up()
     config = ServerConfig(args.served_model_name or model_name(model_path(args)), args.api_key, args.max_queue,
                           args.request_timeout, args.max_body_bytes)
-    serve(create_app(llm, config), args.host, args.port, args.shutdown_timeout, args.header_timeout)
+    try:
+        serve(create_app(llm, config), args.host, args.port, args.shutdown_timeout, args.header_timeout)
+    finally:
+        llm.close()                               # tensor parallelism: stop the worker processes
     return 0

@@ -83,19 +83,24 @@ def softcap_table(cap: float, dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.tanh(bits.view(dtype).float() / cap) * cap
 
 
-def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: torch.Tensor | None = None):
-    """Raw LM-head output (r, C, V) -> tempered fp32 logits, probs, argmax, max_prob, entropy.
-    Softcap (from `table` when given: `softcap_table` of the logits' dtype) then divide by the
-    temperature, exactly as the reference. Entropy is `logsumexp - sum(p * logits)`, from the
-    softmax already computed (equal to the reference's Categorical entropy up to float rounding)
-    to save passes over (C x V)."""
+def processed_logits(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: torch.Tensor | None = None):
+    """Raw LM-head output (r, C, V) -> fp32 softcap(logits) / temp, temp (r,)."""
     if table is not None:
         proc = torch.take(table, logits.view(torch.int16).to(torch.int64) + 32768)
     elif cap:
         proc = torch.tanh(logits.float() / cap) * cap
     else:
         proc = logits.float()
-    proc = proc / temp[:, None, None]
+    return proc / temp[:, None, None]
+
+
+def sampler_core(logits: torch.Tensor, temp: torch.Tensor, cap: float, table: torch.Tensor | None = None):
+    """Raw LM-head output (r, C, V) -> tempered fp32 logits, probs, argmax, max_prob, entropy.
+    Softcap (from `table` when given: `softcap_table` of the logits' dtype) then divide by the
+    temperature, exactly as the reference. Entropy is `logsumexp - sum(p * logits)`, from the
+    softmax already computed (equal to the reference's Categorical entropy up to float rounding)
+    to save passes over (C x V)."""
+    proc = processed_logits(logits, temp, cap, table)
     probs = torch.softmax(proc, dim=-1)
     top, argmax = proc.max(dim=-1)
     max_prob = probs.amax(-1)                                      # = 1 / sum(exp(proc - top))
@@ -187,15 +192,18 @@ def streamed_rows_per_tile(canvas: int, vocab: int, hidden: int, budget_bytes: i
 
 def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,
                  use_k: bool = False, use_p: bool = False, core=sampler_core,
-                 stream: bool | None = None) -> tuple[StepOut, torch.Tensor]:
+                 tile_step=None, stream: bool | None = None) -> tuple[StepOut, torch.Tensor]:
     """All rows in tiles. history (R, S_max, C) previous argmax canvases (-1 filled at canvas start).
-    `stream`: the vocabulary streamed (`denoise_tile_streamed`) or materialised per row tile
-    (`denoise_tile`, with `core`); None chooses by `streams`. Returns the step outputs and the
-    updated history."""
+    `tile_step`: a function with `denoise_tile`'s signature and results (the vocabulary-parallel one
+    of tensor parallelism); None: the vocabulary streamed (`denoise_tile_streamed`) or materialised
+    per row tile (`denoise_tile`, with `core`), as `stream` says (None chooses by `streams`).
+    Returns the step outputs and the updated history."""
     r, c, hidden_size = hidden.shape
     vocab = model.config.vocab_size
     stream = streams(c, vocab, budget_bytes) if stream is None else stream
-    if stream:
+    if tile_step is not None:
+        tile, step = rows_per_tile(c, vocab, budget_bytes), functools.partial(tile_step, core=core)
+    elif stream:
         tile = streamed_rows_per_tile(c, vocab, hidden_size, budget_bytes, use_k or use_p)
         step = functools.partial(denoise_tile_streamed, budget_bytes=budget_bytes)
     else:

@@ -45,7 +45,7 @@ class LLM:
                  max_model_len: int = 2048, sampler_memory_mb: float = 256, attention: str = "eager",
                  compile: bool | None = None, revision: str | None = None, generation_config: str = "auto",
                  sampling_defaults: SamplingParams | None = None, max_images_per_prompt: int = 4,
-                 allowed_local_media_path: str | Path | None = None):
+                 allowed_local_media_path: str | Path | None = None, tensor_parallel_size: int = 1):
         """`model`: a checkpoint directory or hub id (`hub.py`; `revision` picks a branch, tag or commit),
         loaded in `dtype` (default bf16 where fast), or a model object used as it is (in place, its
         experts switch to grouped matmuls: same values, another memory layout).
@@ -60,32 +60,33 @@ class LLM:
         CPU. Eager is the tested reference path. A model with a vision tower takes images (see
         `input_processor.py`), at most `max_images_per_prompt` per prompt, `file://` image URLs only
         under `allowed_local_media_path`; its image processor settings come from the checkpoint
-        directory."""
+        directory. `tensor_parallel_size` N > 1: the model is split over N worker processes, one per
+        device (`cuda:0..N-1`, or N CPU ranks), which this engine starts and stops (`close()`, or the
+        end of the process); the scheduler stays here and `self.model` is the model's structure on the
+        meta device. Tokens equal one device's up to float summation order (see `distributed/`)."""
         source = None
-        if isinstance(model, DiffusionGemma):
-            self.model = model
-        else:
+        if not isinstance(model, DiffusionGemma):
             source = resolve_model(model, revision, METADATA_FILES)     # config, tokenizer, generation config
-            self.model = load_model(model, dtype=dtype or auto_dtype(device), device=device, revision=revision)
-            self.model.set_attention_impl(attention)
             tokenizer = tokenizer if tokenizer is not None else source
         if isinstance(tokenizer, (str, Path)):
             tokenizer = Tokenizer.from_dir(resolve_model(tokenizer, None, METADATA_FILES))
         self.tokenizer = tokenizer
-        if self.model.device.type == "cpu":
-            reuse_freed_memory()
-        self.model.use_grouped_experts()
+        sizes = (max_num_seqs, max_model_len, sampler_memory_mb)
+        if tensor_parallel_size == 1:
+            self.runner = self._local_runner(model, dtype, device, revision, attention, compile, sizes)
+        else:
+            from ..distributed.executor import ParallelRunner
+
+            self.runner = ParallelRunner(model, tensor_parallel_size, dtype=dtype, device=device, revision=revision,
+                                         num_slots=max_num_seqs, max_len=max_model_len,
+                                         sampler_memory_mb=sampler_memory_mb, attention=attention, compile=compile)
+            self.model, self.compiled = self.runner.model, self.runner.compiled
         cfg = self.model.config
         self.generation = self._generation_config(source, generation_config)
         self.defaults = (sampling_defaults or SamplingParams()).with_defaults(
             SamplingParams(max_tokens=self.generation.max_new_tokens).with_defaults(self.generation.params)
         ).with_defaults(SamplingParams.built_in())
         self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)
-        self.compiled = self.model.device.type == "cuda" if compile is None else bool(compile)
-        if self.compiled:
-            compile_model(self.model)
-        self.runner = ModelRunner(self.model, max_num_seqs, max_model_len, sampler_memory_mb,
-                                  compile_sampler=self.compiled)
         eos_ids = set(cfg.eos_ids) | set(self.generation.eos_token_ids) | set(
             self.tokenizer.eos_ids if self.tokenizer else ())
         self.output = OutputProcessor(self._decode, eos_ids)
@@ -94,6 +95,39 @@ class LLM:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.frames: list[CanvasFrame] = []     # frames of the last step, for requests that asked
+
+    def _local_runner(self, model, dtype, device: str, revision: str | None, attention: str, compile: bool | None,
+                      sizes: tuple[int, int, float]) -> ModelRunner:
+        """The model on this process's device; sizes = (slots, max_model_len, sampler memory MB)."""
+        if isinstance(model, DiffusionGemma):
+            self.model = model
+        else:
+            self.model = load_model(model, dtype=dtype or auto_dtype(device), device=device, revision=revision)
+            self.model.set_attention_impl(attention)
+        if self.model.device.type == "cpu":
+            reuse_freed_memory()
+        self.model.use_grouped_experts()
+        self.compiled = self.model.device.type == "cuda" if compile is None else bool(compile)
+        if self.compiled:
+            compile_model(self.model)
+        return ModelRunner(self.model, *sizes, compile_sampler=self.compiled)
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine cannot run steps any more (a tensor-parallel worker died)."""
+        return getattr(self.runner, "error", None) is None
+
+    def close(self) -> None:
+        """Stop this engine's worker processes (tensor parallelism); nothing to do on one device."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _generation_config(self, source: Path | None, mode: str) -> GenerationDefaults:
         if mode not in ("auto", "none"):

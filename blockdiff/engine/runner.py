@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..diffusion.sampler import RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core
+from ..diffusion.sampler import (RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core)
 from ..diffusion.noise import INIT, hash_tokens
 from ..diffusion.params import MAX_STABILITY
 from ..image_prompt import image_spans
@@ -52,7 +52,8 @@ def _fail(request: Request, result: StepResult) -> None:
 
 class ModelRunner:
     def __init__(self, model, num_slots: int, max_len: int, sampler_budget_mb: float = 256,
-                 compile_sampler: bool = False):
+                 compile_sampler: bool = False, tile_step=None):
+        """`tile_step`: the sampler's step over a tile of rows (see `denoise_rows`; None: the sampler's own)."""
         cfg, dev = model.config, model.device
         self.model, self.c, self.device = model, cfg.canvas_length, dev
         self.cache = SlotCache(cfg, num_slots, max_len, model.dtype, dev)
@@ -64,6 +65,7 @@ class ModelRunner:
         self.canvas_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.knobs = {k: torch.zeros(num_slots, dtype=d, device=dev) for k, d in KNOB_DTYPES.items()}
         self.sampler_core = compiled_sampler_core() if compile_sampler else eager_sampler_core(model)
+        self.tile_step = tile_step
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:
@@ -194,7 +196,7 @@ class ModelRunner:
         hidden = self.model.denoise_with(self.canvas[idx], positions, ctx, self.soft[idx])
         knobs = self.row_knobs(idx)
         out, history = denoise_rows(self.model, hidden, knobs, self.step_idx[idx], self.canvas_idx[idx],
-                                    self.history[idx], self.budget, use_k, use_p, self.sampler_core)
+                                    self.history[idx], self.budget, use_k, use_p, self.sampler_core, self.tile_step)
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
         self.step_idx[idx] += 1
         done = out.stop | (self.step_idx[idx] >= knobs.max_denoising_steps)

@@ -123,6 +123,8 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 class Experts(nn.Module):
     """E gated-GELU experts stored as stacked weights: gate_up (E, 2*I, H), down (E, H, I)."""
+    # expert parallelism (`hold`): this module holds router ids [first, first + held), not all of them
+    first, held, partial = 0, 0, False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -130,6 +132,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.grouped = False
+
+    def hold(self, first: int, held: int, routed: int) -> None:
+        """Expert parallelism: this module holds the router's ids [first, first + held) of `routed`;
+        token slots routed elsewhere add nothing here (the rank holding their expert adds them)."""
+        self.first, self.held, self.partial = first, held, held < routed
 
     def use_grouped_mm(self) -> bool:
         """Inference: run all experts as two grouped matmuls, with fixed shapes and no host sync
@@ -159,14 +166,20 @@ class Experts(nn.Module):
         rounding (tests), bit for bit only where a CPU happens to run the same blocking."""
         k = idx.shape[1]
         flat = idx.reshape(-1)
+        if self.partial:                                         # other ranks' slots get id `held`: sorted last
+            flat = flat - self.first
+            mine = (flat >= 0) & (flat < self.held)
+            flat = torch.where(mine, flat, self.held)
         order = torch.argsort(flat, stable=True)                 # slots grouped by expert
         token = order // k
         xs = x[token]                                            # (T*k, H)
         if self.grouped and not torch.is_grad_enabled():
-            h = self._grouped(xs, flat[order])
+            h = self._grouped(xs, flat[order])                   # rows past the last group: not computed
         else:
             h = self._looped(xs, flat)
         y = h * weights.reshape(-1)[order, None]                 # fp32 routing weights
+        if self.partial:
+            y = torch.where(mine[order, None], y, 0)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
     def _grouped(self, xs: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
@@ -176,10 +189,13 @@ class Experts(nn.Module):
         return F.grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
 
     def _looped(self, xs: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()   # the one host sync
+        held = self.gate_up_proj.shape[0]
+        counts = torch.bincount(flat, minlength=held).tolist()   # the one host sync
         outs = []
         for e, chunk in enumerate(xs.split(counts)):
-            if chunk.shape[0]:
+            if e == held:                                        # slots of other ranks' experts (sorted last)
+                outs.append(chunk.new_zeros(chunk.shape[0], self.down_proj.shape[1]))
+            elif chunk.shape[0]:
                 gate, up = F.linear(chunk, self.gate_up_proj[e]).chunk(2, dim=-1)
                 outs.append(F.linear(gelu_tanh(gate) * up, self.down_proj[e]))
         return torch.cat(outs)

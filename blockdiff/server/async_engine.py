@@ -110,7 +110,7 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive()
+        return self.thread.is_alive() and self.llm.healthy
 
     def submit(self, choices: list[Choice], frames: bool) -> RequestGroup:
         if len(choices) > self.capacity:            # could never run, however long the client waits

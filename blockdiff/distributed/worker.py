@@ -52,7 +52,10 @@ class WorkerOptions:
 def die_with_parent(parent: int) -> None:
     """Linux: the kernel kills this process when its parent dies (no orphan after a driver crash)."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)           # PR_SET_PDEATHSIG
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
+        except OSError:                                              # no glibc: the socket's EOF still ends us
+            pass
     if os.getppid() != parent:                                       # the parent died before prctl
         os._exit(1)
 

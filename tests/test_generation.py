@@ -113,6 +113,7 @@ def test_cli_generate(demo):
     (["generate", "x", "--top-p", "0"], "top_p"),
     (["generate", "x", "--max-tokens", "-3"], "max_tokens"),
     (["generate", "x", "--max-denoising-steps", "many"], "invalid int value"),
+    (["generate", "x", "--tensor-parallel-size", "3"], "must divide num_attention_heads"),
 ])
 def test_cli_errors_are_one_line(demo, args, message):
     path = demo[0]

@@ -168,7 +168,7 @@ def denoise_tile_streamed(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, 
                             knobs.top_p.repeat_interleave(c), use_k, use_p)
         blocks, kept_bits = kept_blocks(head, h, temp, stats.m, tile, tau)
     u = hash_uniform(knobs.seed, canvas_idx, step_idx, c).reshape(-1)
-    chunk = max(64, budget_bytes // (2 * BLOCK * hidden_size * w.element_size()))   # positions per gather
+    chunk = max(64, min(TILE_BYTES, budget_bytes // 4) // (BLOCK * hidden_size * w.element_size()))  # per gather
     sampled = sample_from_blocks(head, h, temp, blocks, stats.m, u, chunk, kept_bits).view(r, c)
     argmax, ent = stats.argmax.view(r, c), stats.entropy.view(r, c)
     sampled = torch.where(knobs.greedy[:, None], argmax, sampled)

@@ -30,6 +30,8 @@ from ..hardware import auto_dtype, reuse_freed_memory
 from ..image_prompt import prefix_keys
 from ..hub import METADATA_FILES, resolve_model
 from ..model.transformer import DiffusionGemma
+from ..structured.constraint import compile_constraint
+from ..structured.grammar import GrammarCompiler
 from ..tokenizer import Tokenizer
 from .compiled import compile_model
 from .input_processor import InputProcessor, PromptInputs
@@ -90,6 +92,8 @@ class LLM:
         eos_ids = set(cfg.eos_ids) | set(self.generation.eos_token_ids) | set(
             self.tokenizer.eos_ids if self.tokenizer else ())
         self.output = OutputProcessor(self._decode, eos_ids)
+        self.eos_ids = sorted(eos_ids)
+        self._grammars = None                   # structured.grammar.GrammarCompiler, built on first use
         self.inputs = InputProcessor.for_model(self.tokenizer, cfg, source, max_images_per_prompt,
                                                allowed_local_media_path)
         self.requests: dict[str, Request] = {}
@@ -160,10 +164,22 @@ class LLM:
         seed = params.seed if params.seed is not None else random.randrange(2**62)
         keys = prefix_keys(ids, inputs.images, self.model.config.image_token_id) if inputs.images else None
         req = Request(request_id, ids, params, seed, prompt=text, frames=frames, images=inputs.images,
-                      prefix_keys=keys)
+                      prefix_keys=keys, constraint=self._constraint(params))
         self.scheduler.add(req)
         self.requests[request_id] = req
         return request_id
+
+    def _constraint(self, params: SamplingParams):
+        """A fresh grammar matcher for a structured-output request (None for free text)."""
+        if params.grammar is None:
+            return None
+        if not isinstance(self.runner, ModelRunner) or self.tokenizer is None:
+            raise ValueError("structured output (json_schema, regex, json_object) needs a tokenizer and a "
+                             "single-device engine")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.model.config.vocab_size,
+                                             self.eos_ids)
+        return compile_constraint(self._grammars, params.grammar)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)

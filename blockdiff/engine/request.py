@@ -3,6 +3,7 @@
 - `SamplingParams`: the usual fields (max_tokens, temperature, top_k, top_p, stop, seed) plus the
   diffusion knobs; invalid values raise `ValueError` naming the field. `max_tokens` and the knobs
   may be left unset (None): the engine fills them at admission (see `diffusion/params.py`).
+  `json_schema` / `regex` / `json_object` constrain the output (see `structured/`).
 - `Request`: one sequence's lifecycle (waiting -> running -> finished), its token ids and stats.
 - `RequestOutput`: what `LLM.generate` returns and what streaming yields at each commit.
 """
@@ -14,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 from ..diffusion.params import BUILT_IN, DiffusionParams, check_bool, check_int, check_number
+from ..structured.grammar import GrammarSpec, check_spec, normalize_schema
 
 BUILT_IN_MAX_TOKENS = 256     # transformers' default max_new_tokens (also the released checkpoint's)
 
@@ -30,6 +32,11 @@ class SamplingParams(DiffusionParams):
     stop: tuple[str, ...] = ()
     seed: int | None = None           # None: drawn by the engine
     ignore_eos: bool = False
+    # structured output (at most one): a JSON schema (dict or JSON text; kept as JSON text), a
+    # regular expression, or any JSON object. The output then matches it whenever it ends in "stop".
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    json_object: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,6 +54,34 @@ class SamplingParams(DiffusionParams):
         if self.seed is not None:
             check_int(self.seed, "seed", 0)
         check_bool(self.ignore_eos, "ignore_eos")
+        self._check_structured()
+
+    def _check_structured(self) -> None:
+        check_bool(self.json_object, "json_object")
+        if self.json_schema is not None:
+            object.__setattr__(self, "json_schema", normalize_schema(self.json_schema))
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"regex must be a string, got {type(self.regex).__name__}")
+        given = [n for n in ("json_schema", "regex") if getattr(self, n) is not None] + (
+            ["json_object"] if self.json_object else [])
+        if len(given) > 1:
+            raise ValueError(f"{given[0]} and {given[1]} cannot be combined: give one constraint")
+        if given:
+            if self.stop:
+                raise ValueError(f"stop cannot be combined with {given[0]}: a stop string could cut the output")
+            if self.ignore_eos:
+                raise ValueError(f"ignore_eos cannot be combined with {given[0]}: the output ends where the "
+                                 "grammar ends")
+            check_spec(self.grammar, given[0])
+
+    @property
+    def grammar(self) -> GrammarSpec | None:
+        """The structured-output constraint, or None for free text."""
+        if self.json_schema is not None:
+            return GrammarSpec("json_schema", self.json_schema)
+        if self.regex is not None:
+            return GrammarSpec("regex", self.regex)
+        return GrammarSpec("json_object", "") if self.json_object else None
 
     @classmethod
     def built_in(cls) -> SamplingParams:
@@ -85,6 +120,7 @@ class Request:
     frames: bool = False        # emit a CanvasFrame after every denoising step
     images: Any = None          # image_prompt.ImageInputs for the prompt's image tokens, or None
     prefix_keys: list | None = None   # prompt ids with image tokens keyed by image content (prefix reuse)
+    constraint: Any = None      # structured.constraint.Constraint for structured output, or None
     status: Status = Status.WAITING
     slot: int | None = None
     # scheduler: position in the canvas loop

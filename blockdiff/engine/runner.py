@@ -172,10 +172,13 @@ class ModelRunner:
     def _denoise_into(self, requests: list[Request], result: StepResult) -> None:
         use_k = any(r.params.top_k > 0 for r in requests)
         use_p = any(r.params.top_p < 1 for r in requests)
-        out, done = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p)
+        out, done, hidden = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p)
         rows = [i for i, d in enumerate(done) if d]
         if rows:
             for i, tokens in zip(rows, out.argmax[rows].tolist()):
+                constraint = requests[i].constraint
+                if constraint is not None:       # structured output: a constrained commit (one host sync a row)
+                    tokens = constraint.commit(tokens, lambda pos, h=hidden[i]: self._logits_at(h[pos]))
                 result.finished[requests[i].request_id] = tokens
         framed = [i for i, r in enumerate(requests) if r.frames]
         if framed:
@@ -183,11 +186,16 @@ class ModelRunner:
             for i, d in zip(framed, data):
                 result.frames[requests[i].request_id] = d
 
+    def _logits_at(self, h: torch.Tensor) -> torch.Tensor:
+        """(V,) LM-head logits of one position's hidden state h (H,): only where a constraint needs them."""
+        return torch.nn.functional.linear(h, self.model.embed_tokens.weight)
+
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False) -> tuple[StepOut, list[bool]]:
-        """One denoising step for `slots` whose contexts have `lengths`; returns the step's outputs
-        and 'canvas done' per row."""
+    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False
+                ) -> tuple[StepOut, list[bool], torch.Tensor]:
+        """One denoising step for `slots` whose contexts have `lengths`; returns the step's outputs,
+        'canvas done' per row and the decoder's hidden states (R, C, H) (for constrained commits)."""
         idx = torch.tensor(slots, device=self.device)
         lens = torch.tensor(lengths, device=self.device)
         positions = lens[:, None] + torch.arange(self.c, device=self.device)
@@ -200,7 +208,7 @@ class ModelRunner:
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
         self.step_idx[idx] += 1
         done = out.stop | (self.step_idx[idx] >= knobs.max_denoising_steps)
-        return out, done.tolist()
+        return out, done.tolist(), hidden
 
     @torch.no_grad()
     def commit(self, slots: list[int], lengths: list[int], tokens: list[list[int]]) -> None:

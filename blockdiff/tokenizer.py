@@ -167,7 +167,8 @@ class Tokenizer:
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         if self.chat_template:
             return self._render_jinja(self.chat_template, messages, add_generation_prompt, tools, template_kwargs)
-        return render_fallback_chat(messages, add_generation_prompt, gemma4=self.token_to_id(TURN_OPEN) is not None)
+        return render_fallback_chat(messages, add_generation_prompt, gemma4=self.token_to_id(TURN_OPEN) is not None,
+                                    tools=tools)
 
     def template_tokens(self) -> dict[str, str]:
         """The special tokens a template sees by name: every `*_token` of the config, and the named
@@ -215,19 +216,25 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_fallback_chat(messages: list[dict], add_generation_prompt: bool = True, gemma4: bool = False) -> str:
+def render_fallback_chat(messages: list[dict], add_generation_prompt: bool = True, gemma4: bool = False,
+                         tools: list[dict] | None = None) -> str:
     """Gemma-style chat text for checkpoints without a template: `<start_of_turn>{role}\\n{content}
     <end_of_turn>\\n` per message (Gemma 4 vocabularies: `<|turn>{role}\\n{content}<turn|>\\n`), with
     role "assistant" written as "model", then the opening of a model turn to prompt a reply.
-    No BOS here: `Tokenizer.encode(text, add_bos=True)` adds it."""
+    Tools, if any, come first in a "tools" turn (their JSON list); an assistant turn's tool calls
+    are written as `{"name": ..., "arguments": ...}` JSON after its content; a "tool" turn holds a
+    tool's result. No BOS here: `Tokenizer.encode(text, add_bos=True)` adds it."""
     start, end = (TURN_OPEN, TURN_CLOSE) if gemma4 else (START_OF_TURN, END_OF_TURN)
-    parts = []
+    parts = [f"{start}tools\n{json.dumps(tools, ensure_ascii=False)}{end}\n"] if tools else []
     for m in messages:
         role = "model" if m["role"] == "assistant" else m["role"]
-        if m.get("content") is None:
+        if m.get("content") is None and not m.get("tool_calls"):
             raise ValueError(f"without a chat template each message needs 'content', got {m!r}")
-        content = m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"])
-        parts.append(f"{start}{role}\n{content}{end}\n")
+        content = m.get("content") or ""
+        content = content if isinstance(content, str) else "".join(p["text"] for p in content)
+        calls = "".join(json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                   ensure_ascii=False) for c in m.get("tool_calls") or ())
+        parts.append(f"{start}{role}\n{content}{calls}{end}\n")
     if add_generation_prompt:
         parts.append(f"{start}model\n")
     return "".join(parts)

@@ -4,6 +4,8 @@ Plain dict builders, no I/O. Namespaced extras, which the openai clients keep as
 - `blockdiff_timings` (beside `usage`): canvases, denoising_steps, time_to_first_token_s,
   latency_s, tokens_per_second (end to end) and in_step_tokens_per_second (completion tokens over
   the time spent in the engine steps this request took part in; for n > 1 the longest choice's).
+- A forced tool call (`plan.tool_call`) answers `message.tool_calls` with finish_reason
+  "tool_calls" (see `tools.py`), streamed as `tool_call_chunks`.
 - `blockdiff_frame` on a denoising-frame chunk: {index, canvas, step, max_steps, token_ids,
   tokens, accepted, max_prob}. Its one choice has an empty delta (chat) or empty text
   (completions) and no finish_reason, so a client that does not know frames sees a no-op chunk.
@@ -19,6 +21,7 @@ from ..engine.request import CanvasFrame
 from ..tokenizer import Tokenizer
 from .async_engine import Update
 from .plan import Plan
+from .tools import tool_message
 
 
 @dataclass
@@ -72,6 +75,21 @@ class Formatter:
             return {"index": index, "delta": d, "finish_reason": finish_reason, "logprobs": None}
         return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
+    def tool_call_chunks(self, index: int, out) -> list[dict]:
+        """Stream chunks of a forced tool call: nothing until the output is complete, then the call
+        as OpenAI streams one (id, type and name first, then the arguments) and finish_reason
+        "tool_calls"; an output cut short (length, error) goes out as content with its reason."""
+        if not out.finished:
+            return []
+        if out.finish_reason != "stop":
+            return [self.chunk([self.delta(index, out.text, out.finish_reason)])]
+        call = tool_message(out.text)["tool_calls"][0]
+        head = {"index": 0, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}
+        args = {"index": 0, "function": {"arguments": call["function"]["arguments"]}}
+        return [self.chunk([{"index": index, "delta": {"tool_calls": [d]}, "finish_reason": None, "logprobs": None}])
+                for d in (head, args)] + [self.chunk([self.delta(index, "", "tool_calls")])]
+
     def frame(self, frame: CanvasFrame, index: int) -> dict:
         payload = {"index": index, "canvas": frame.canvas, "step": frame.step, "max_steps": frame.max_steps,
                    "token_ids": frame.tokens, "tokens": [self.tokenizer.decode([t]) for t in frame.tokens],
@@ -85,7 +103,10 @@ class Formatter:
         choices = []
         for index in sorted(finals):
             out = finals[index].output
-            if self.chat:
+            if self.chat and self.plan.tool_call and out.finish_reason == "stop":
+                choices.append({"index": index, "message": tool_message(out.text), "finish_reason": "tool_calls",
+                                "logprobs": None})
+            elif self.chat:
                 choices.append({"index": index, "message": {"role": "assistant", "content": out.text},
                                 "finish_reason": out.finish_reason, "logprobs": None})
             else:

@@ -12,6 +12,8 @@ sees a request it rejects). Conventions:
 - `max_tokens` (chat: also `max_completion_tokens`) is exact. Defaults: 16 for completions (as
   OpenAI); for chat, everything the context has room for, in whole canvases. The checkpoint's
   generation_config `max_new_tokens` never caps either.
+- `response_format` and forced tool calls become the choice's structured-output constraint, and
+  tools reach the chat template (`tools.py`).
 - Knobs the request leaves out stay unset in its `SamplingParams`: the engine's defaults (server
   flags, then the checkpoint's generation_config.json) fill them. They are resolved here against
   `defaults` too, so a value that clashes with a default (t_max below the default t_min) is a 400.
@@ -24,6 +26,7 @@ from ..engine.input_processor import InputProcessor, PromptInputs
 from ..engine.request import SamplingParams
 from ..image_prompt import ImageInputs
 from .protocol import KNOBS, ApiError, ChatCompletionRequest, CompletionRequest, FrameOptions
+from .tools import Structured, structured_fields, template_messages
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Plan:
     stream: bool
     include_usage: bool
     frames: FrameOptions | None
+    tool_call: bool = False        # the reply is a forced tool call (tools.py)
 
 
 def build_plan(req: CompletionRequest | ChatCompletionRequest, inputs: InputProcessor, limits: Limits,
@@ -67,8 +71,9 @@ def build_plan(req: CompletionRequest | ChatCompletionRequest, inputs: InputProc
         raise ApiError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
                        param="model", code="model_not_found")
     images = None
+    structured = structured_fields(req)
     if isinstance(req, ChatCompletionRequest):
-        chat = _chat_inputs(req, inputs)
+        chat = _chat_inputs(req, inputs, structured.tools)
         kind, param, prompts, images = "chat", "messages", [chat.ids], chat.images
         max_tokens = req.max_completion_tokens or req.max_tokens
     else:
@@ -88,17 +93,18 @@ def build_plan(req: CompletionRequest | ChatCompletionRequest, inputs: InputProc
                            code="context_length_exceeded")
         for j in range(req.n):
             index = p * req.n + j
-            choices.append(Choice(index, ids, _sampling_params(req, max_tokens or room, index, defaults), images))
+            choices.append(Choice(index, ids, _sampling_params(req, max_tokens or room, index, defaults, structured),
+                                  images))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Plan(kind, model_name, choices, sum(len(ids) for ids in prompts), req.stream, include_usage,
-                req.blockdiff_frames)
+                req.blockdiff_frames, structured.tool_call)
 
 
-def _chat_inputs(req: ChatCompletionRequest, inputs: InputProcessor) -> PromptInputs:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.template_content()}
-                for m in req.messages]
+def _chat_inputs(req: ChatCompletionRequest, inputs: InputProcessor, tools: list[dict] | None) -> PromptInputs:
+    messages = template_messages(req)
+    kwargs = {**(req.chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
     try:
-        return inputs.chat(messages, **(req.chat_template_kwargs or {}))
+        return inputs.chat(messages, **kwargs)
     except ValueError as e:          # images (undecodable, remote, too many, a text-only model) or the template
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
     except Exception as e:           # a Jinja template may raise on roles it does not support
@@ -130,12 +136,15 @@ def _completion_ids(prompt, inputs: InputProcessor, vocab_size: int) -> list[lis
     return prompts
 
 
-def _sampling_params(req, max_tokens: int, index: int, defaults: SamplingParams | None) -> SamplingParams:
+def _sampling_params(req, max_tokens: int, index: int, defaults: SamplingParams | None,
+                     structured: Structured) -> SamplingParams:
     knobs = {k: getattr(req, k) for k in KNOBS if getattr(req, k) is not None}
     seed = None if req.seed is None else req.seed + index
     try:
-        params = SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, **knobs)
+        params = SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, **knobs, **structured.params)
         return params.with_defaults(defaults or SamplingParams.built_in())
     except ValueError as e:          # cross-field rules, e.g. t_max > t_min: the message names the field
         field = str(e).split()[0]
-        raise ApiError(400, str(e), param=field if field in KNOBS else None, code="invalid_value") from None
+        param = field if field in KNOBS + ("stop", "ignore_eos") else structured.param if field in (
+            "json_schema", "json_object") else None
+        raise ApiError(400, str(e), param=param, code="invalid_value") from None

@@ -6,7 +6,7 @@ pydantic model or raises `ApiError` (status 400) whose message names the offendi
   invalid Unicode (a lone UTF-16 surrogate such as "\\ud800" anywhere, keys included, is a 400
   naming the field).
 - Fields OpenAI defines but this server cannot honour (`UNSUPPORTED`, e.g. logit_bias, penalties,
-  response_format, tools, logprobs) are accepted only with their neutral value (null, 0, false,
+  logprobs) are accepted only with their neutral value (null, 0, false,
   {}, ...); any other value is a 400 naming the field. Unknown fields are a 400 too: nothing is
   silently ignored.
 - The diffusion knobs are extra top-level fields with the names of `SamplingParams`
@@ -17,6 +17,12 @@ pydantic model or raises `ApiError` (status 400) whose message names the offendi
   image URL may be is checked when the prompt is built (plan.py), not here.
 - Chat: `chat_template_kwargs` (as vLLM) are variables for the chat template, such as
   `{"enable_thinking": true}`.
+- Structured output, as OpenAI spells it: `response_format` ({"type": "text" | "json_object" |
+  "json_schema", "json_schema": {"name", "schema", "strict", "description"}}); chat `tools`
+  ({"type": "function", "function": {"name", "description", "parameters", "strict"}}) and
+  `tool_choice` ("none" | "auto" | "required" | {"type": "function", "function": {"name"}});
+  messages may be `role: "tool"` (with `tool_call_id`) and assistant turns with `tool_calls`.
+  Schemas are compiled when the plan is built (plan.py / tools.py), so a bad one is a 400 there.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ MAX_SEED = 2**62            # seeds are int64 in the sampler; choice i uses seed
 UNSUPPORTED: dict[str, tuple] = {
     "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
     "logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
-    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "functions": ([],),
     "function_call": ("none",), "parallel_tool_calls": (True, False), "store": (False,),
     "metadata": ({},), "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (),
     "web_search_options": (), "service_tier": ("auto", "default"), "min_p": (0,), "min_tokens": (0,),
@@ -56,6 +62,54 @@ class ApiError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"      # OpenAI's rule for function and schema names
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")    # None: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None     # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(_Strict):
+    name: str
+    arguments: str                               # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
 
 
 class StreamOptions(_Strict):
@@ -89,6 +143,7 @@ class _Common(_Strict):
     confidence_threshold: float | None = Field(None, gt=0, le=FLOAT32_MAX)
     stability_threshold: int | None = Field(None, ge=0, le=MAX_STABILITY)
     blockdiff_frames: FrameOptions | None = None
+    response_format: ResponseFormat | None = None
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -122,12 +177,15 @@ class ImagePart(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | ImagePart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | ImagePart] | None = None      # None: an assistant turn of tool calls
+    tool_calls: list[ToolCall] | None = None     # assistant turns
+    tool_call_id: str | None = None              # tool turns: the call this result answers
+    name: str | None = None
 
     def template_content(self) -> str | list[dict]:
         """What the chat template gets: the text, or text and image parts in order."""
-        if isinstance(self.content, str):
+        if self.content is None or isinstance(self.content, str):
             return self.content
         return [p.model_dump(exclude_none=True) for p in self.content]
 
@@ -137,6 +195,8 @@ class ChatCompletionRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = None
     max_tokens: int | None = Field(None, ge=1)   # None: as many as the context allows
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 def _reject_constant(name: str) -> Any:
@@ -228,3 +288,22 @@ def _check_common(req: _Common) -> None:
         raise ApiError(400, "'blockdiff_frames' needs 'stream': true", param="blockdiff_frames")
     if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) and not req.prompt:
         raise ApiError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
+    if req.response_format is not None and req.response_format.type == "json_schema" \
+            and req.response_format.json_schema is None:
+        raise ApiError(400, "response_format of type 'json_schema' needs 'json_schema': {\"name\", \"schema\"}",
+                       param="response_format.json_schema", code="missing_required_parameter")
+    if isinstance(req, ChatCompletionRequest):
+        _check_messages(req.messages)
+
+
+def _check_messages(messages: list[Message]) -> None:
+    for i, m in enumerate(messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"'messages.{i}.content' is required (only an assistant turn with tool_calls "
+                           "may omit it)", param=f"messages.{i}.content", code="missing_required_parameter")
+        if m.tool_calls is not None and m.role != "assistant":
+            raise ApiError(400, f"'messages.{i}.tool_calls' is only allowed in assistant messages",
+                           param=f"messages.{i}.tool_calls", code="invalid_value")
+        if (m.role == "tool") != (m.tool_call_id is not None):
+            raise ApiError(400, f"'messages.{i}.tool_call_id' is required in tool messages and only there",
+                           param=f"messages.{i}.tool_call_id", code="invalid_value")

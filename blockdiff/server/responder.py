@@ -68,7 +68,10 @@ async def stream_events(group: RequestGroup, fmt: Formatter, plan: Plan, request
         for u in group.take_updates():
             totals.add(u)
             committed[u.index] = u.output.stats.canvases
-            if u.output.delta_text or u.output.finished:
+            if plan.tool_call:                               # held until the call is complete
+                for chunk in fmt.tool_call_chunks(u.index, u.output):
+                    yield sse(chunk)
+            elif u.output.delta_text or u.output.finished:
                 yield sse(fmt.chunk([fmt.delta(u.index, u.output.delta_text, u.output.finish_reason)]))
         if group.error is not None:
             yield sse(ApiError(500, group.error, type="server_error", code="engine_error").body())

@@ -195,7 +195,7 @@ BAD = [  # (body changes, status, param)
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"logit_bias": {"5": 3}}, 400, "logit_bias"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty"),
-    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"response_format": {"type": "xml"}}, 400, "response_format.type"),
     ({"frobnicate": 1}, 400, "frobnicate"),
     ({"max_denoising_steps": 0}, 400, "max_denoising_steps"),
     ({"t_min": 0.9, "t_max": 0.5}, 400, "t_max"),

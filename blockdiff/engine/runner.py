@@ -25,6 +25,7 @@ from ..diffusion.noise import INIT, hash_tokens
 from ..diffusion.params import MAX_STABILITY
 from ..image_prompt import image_spans
 from ..model.slot_cache import SlotCache, SlotDecodeContext, SlotEncodeContext
+from ..structured.constraint import RowLogits
 from .request import Request, SamplingParams
 from .scheduler import ScheduledBatch, StepResult
 
@@ -178,17 +179,14 @@ class ModelRunner:
             for i, tokens in zip(rows, out.argmax[rows].tolist()):
                 constraint = requests[i].constraint
                 if constraint is not None:       # structured output: a constrained commit (one host sync a row)
-                    tokens = constraint.commit(tokens, lambda pos, h=hidden[i]: self._logits_at(h[pos]))
+                    tokens = constraint.commit(tokens, RowLogits(hidden[i], self.model.embed_tokens.weight,
+                                                                 self.budget // 4))
                 result.finished[requests[i].request_id] = tokens
         framed = [i for i, r in enumerate(requests) if r.frames]
         if framed:
             data = zip(out.argmax[framed].tolist(), out.accept[framed].tolist(), out.max_prob[framed].float().tolist())
             for i, d in zip(framed, data):
                 result.frames[requests[i].request_id] = d
-
-    def _logits_at(self, h: torch.Tensor) -> torch.Tensor:
-        """(V,) LM-head logits of one position's hidden state h (H,): only where a constraint needs them."""
-        return torch.nn.functional.linear(h, self.model.embed_tokens.weight)
 
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -21,9 +21,8 @@ from __future__ import annotations
 from typing import Callable
 
 import llguidance
+import numpy as np
 import torch
-
-_BITS = torch.arange(8, dtype=torch.uint8)
 
 
 class Constraint:
@@ -34,8 +33,8 @@ class Constraint:
 
     def mask(self) -> torch.Tensor:
         """(V,) bool: the tokens the grammar allows next (EOS ids where it may end)."""
-        raw = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
-        return ((raw[:, None] >> _BITS) & 1).flatten()[:self.vocab_size].bool()
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return torch.from_numpy(bits[:self.vocab_size].view(np.bool_))
 
     def commit(self, argmax: list[int], logits_at: Callable[[int], torch.Tensor]) -> list[int]:
         """The canvas to commit instead of `argmax` (C,); advances the matcher over it."""
@@ -83,6 +82,23 @@ class Constraint:
     def _consume(self, tokens: list[int]) -> None:
         if not self.matcher.consume_tokens(tokens):
             raise RuntimeError(f"the grammar matcher refused tokens it had accepted: {self.matcher.get_error()}")
+
+
+class RowLogits:
+    """`logits_at` for one row: (V,) LM-head logits of position i from hidden (C, H), computed in
+    chunks of positions (a chunk's (k, V) fp32 logits within `budget_bytes`) and only on demand."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, budget_bytes: int):
+        self.hidden, self.weight = hidden, weight
+        self.chunk = max(1, min(hidden.shape[0], budget_bytes // (4 * weight.shape[0])))
+        self.start, self.block = -1, None
+
+    def __call__(self, pos: int) -> torch.Tensor:
+        start = pos - pos % self.chunk
+        if start != self.start:
+            self.start = start
+            self.block = torch.nn.functional.linear(self.hidden[start:start + self.chunk], self.weight).float()
+        return self.block[pos - start]
 
 
 def compile_constraint(compiler, spec) -> Constraint:

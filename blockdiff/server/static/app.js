@@ -1,6 +1,7 @@
 // blockdiff playground: streams chat answers from /v1/chat/completions and animates the canvas
 // from the `blockdiff_frame` chunks the server sends when asked with `blockdiff_frames`.
-// No framework, no build step, nothing loaded from outside this server.
+// With a JSON schema typed in, the request asks for `response_format: json_schema` and the answer
+// is shown pretty-printed. No framework, no build step, nothing loaded from outside this server.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -70,14 +71,39 @@ function renderFrame(f) {
   $("frame-info").textContent = `canvas ${f.canvas + 1} · step ${f.step} / ${f.max_steps}`;
 }
 
-function requestBody() {
+// The JSON schema typed in the page, parsed, or null when the box is empty (throws on bad JSON).
+function jsonSchema() {
+  const text = $("json-schema").value.trim();
+  if (!text) return null;
+  try { return JSON.parse(text); } catch (e) { throw new Error("the JSON schema is not valid JSON: " + e.message); }
+}
+
+function requestBody(schema) {
   const num = (id) => Number($(id).value);
-  return {
+  const body = {
     model: modelName, messages: conversation, stream: true, stream_options: { include_usage: true },
     max_tokens: num("max-tokens"), temperature: num("temperature"),
     max_denoising_steps: num("steps"), entropy_bound: num("entropy"), fixed_steps: $("fixed-steps").checked,
     blockdiff_frames: { max_fps: num("fps") },
   };
+  if (schema) body.response_format = { type: "json_schema", json_schema: { name: "playground", schema: schema } };
+  return body;
+}
+
+// A structured answer: pretty-printed when it ended in "stop" (the server guarantees it then
+// matches the schema), otherwise the reason it is incomplete.
+function showStructured(answer, finish) {
+  const status = $("json-result-status");
+  try {
+    if (finish !== "stop") throw new Error(`incomplete (finish_reason ${finish}): raise max tokens`);
+    $("json-result").textContent = JSON.stringify(JSON.parse(answer), null, 2);
+    status.textContent = "valid: matches the schema";
+    status.className = "valid";
+  } catch (e) {
+    $("json-result").textContent = answer;
+    status.textContent = e.message;
+    status.className = "invalid";
+  }
 }
 
 // Yields each parsed `data:` payload of an SSE response ("[DONE]" as a string).
@@ -139,8 +165,12 @@ async function send(text) {
   $("status").textContent = "streaming";
   $("send").disabled = true;
   let answer = "";
+  $("json-result").textContent = "";
+  $("json-result-status").textContent = "";
+  $("status").dataset.finish = "";
   try {
-    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(requestBody()) });
+    const schema = jsonSchema();
+    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(requestBody(schema)) });
     if (!r.ok) {
       const body = await r.json().catch(() => ({}));
       throw new Error(body.error ? body.error.message : `HTTP ${r.status}`);
@@ -160,6 +190,7 @@ async function send(text) {
       }
     }
     conversation.push({ role: "assistant", content: answer });
+    if (schema) showStructured(answer, $("status").dataset.finish);
     $("status").textContent = "done (" + ($("status").dataset.finish || "?") + ")";
   } catch (e) {
     conversation.pop();

@@ -125,3 +125,24 @@ def test_commit_repairs_a_canvas_and_rolls_back_on_error(llm):
     out = constraint.commit(canvas, prefer_digits)          # the failed commit left no trace
     text = tok.decode([t for t in out if t not in llm.eos_ids])
     assert text == '{"n":7}' and out[-1] in llm.eos_ids
+
+
+def test_guide_pins_the_frontier_and_leaves_the_matcher(llm):
+    tok = llm.tokenizer
+    compiler = GrammarCompiler(tok.backend.to_str(), llm.model.config.vocab_size, llm.eos_ids)
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "bb": {"type": "boolean"}},
+              "required": ["a", "bb"], "additionalProperties": False}
+    constraint = compile_constraint(compiler, GrammarSpec("json_schema", json.dumps(schema)))
+    seven = tok.encode("7", add_bos=False)[0]
+    canvas = tok.encode('{"a":x', add_bos=False) + [0] * 10
+
+    def logits_at(pos):
+        logits = torch.zeros(llm.model.config.vocab_size)
+        logits[seven] = 1
+        return logits
+
+    pins = constraint.guide(canvas, logits_at)           # prefix, one repair ("7"), then forced ',"bb":'
+    assert tok.decode(pins) == '{"a":7,"bb":'
+    assert constraint.guide(canvas, logits_at) == pins   # the matcher did not move
+    assert tok.decode(constraint.commit(canvas, logits_at)).startswith('{"a":7,"bb":')

@@ -64,11 +64,14 @@ def measure_structured(args, root: Path) -> int:
     from .common import DEFAULT_MODEL
 
     res = {"validity": validity(DEFAULT_MODEL, args.seeds, 128),
+           "validity_commit_only": validity(DEFAULT_MODEL, args.seeds, 128, guide=False),
            "overhead": overhead(args.preset, root, DEFAULT_MODEL, 16, args.steps, args.canvases, args.prompt_len,
                                 args.repeat)}
-    v = res["validity"]
-    print(f"stop {v['stop']}/{v['requests']} ({v['stop_share']:.1%}), valid {v['valid_stop']}/{v['stop']}, "
-          f"constrained/free tok/s {res['overhead']['constrained_vs_free']:.3f}")
+    for name in ("validity", "validity_commit_only"):
+        v = res[name]
+        print(f"{name}: stop {v['stop']}/{v['requests']} ({v['stop_share']:.1%}), valid {v['valid_stop']}/{v['stop']}, "
+              f"{v['steps_per_canvas']:.1f} steps/canvas")
+    print(f"constrained/free tok/s at batch 16: {res['overhead']['constrained_vs_free']:.3f}")
     print(json.dumps(res, sort_keys=True))
     return 0
 

@@ -67,6 +67,7 @@ class ModelRunner:
         self.knobs = {k: torch.zeros(num_slots, dtype=d, device=dev) for k, d in KNOB_DTYPES.items()}
         self.sampler_core = compiled_sampler_core() if compile_sampler else eager_sampler_core(model)
         self.tile_step = tile_step
+        self.guide_constraints = True       # pin each constrained row's grammar frontier between steps
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:
@@ -182,11 +183,23 @@ class ModelRunner:
                     tokens = constraint.commit(tokens, RowLogits(hidden[i], self.model.embed_tokens.weight,
                                                                  self.budget // 4))
                 result.finished[requests[i].request_id] = tokens
+        guided = [i for i, r in enumerate(requests) if r.constraint is not None and not done[i]]
+        if guided and self.guide_constraints:
+            self._guide([requests[i] for i in guided], out.argmax[guided].tolist(), hidden[guided])
         framed = [i for i, r in enumerate(requests) if r.frames]
         if framed:
             data = zip(out.argmax[framed].tolist(), out.accept[framed].tolist(), out.max_prob[framed].float().tolist())
             for i, d in zip(framed, data):
                 result.frames[requests[i].request_id] = d
+
+    def _guide(self, requests: list[Request], argmax: list[list[int]], hidden: torch.Tensor) -> None:
+        """Pin the grammar frontier of constrained rows into their next step's canvas (one (V,)
+        logits row per request, only where its argmax leaves the grammar; see `Constraint.guide`)."""
+        w = self.model.embed_tokens.weight
+        for r, tokens, h in zip(requests, argmax, hidden):
+            pins = r.constraint.guide(tokens, RowLogits(h, w, 0))
+            if pins:
+                self.canvas[r.slot, :len(pins)] = torch.tensor(pins, device=self.device)
 
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,8 +13,10 @@ left to right, and advances the matcher over it, so the next canvas continues fr
 So an output that ends with EOS is a complete match of the grammar, whatever the model, and one
 cut by `max_tokens` is a prefix of one. On an exception the matcher is rolled back: a canvas
 either commits whole or not at all.
-`mask()` gives the grammar's next-token mask from the matcher's state (the position after the
-committed text).
+`guide(argmax, logits_at)` is the same scan with one repair, plus the tokens the grammar forces after
+it, without moving the matcher: the runner pins these tokens into the canvas the next denoising step
+sees (a grammar frontier that advances at least one token a step), so the model denoises around a
+valid prefix and the JSON skeleton rather than around noise.
 """
 from __future__ import annotations
 
@@ -38,23 +40,44 @@ class Constraint:
 
     def commit(self, argmax: list[int], logits_at: Callable[[int], torch.Tensor]) -> list[int]:
         """The canvas to commit instead of `argmax` (C,); advances the matcher over it."""
-        out: list[int] = []
+        return self._decode(argmax, logits_at, len(argmax))
+
+    def guide(self, argmax: list[int], logits_at: Callable[[int], torch.Tensor]) -> list[int]:
+        """Tokens to pin at the start of the next denoising step's canvas: the longest valid prefix of
+        `argmax`, one repaired token after it, then the tokens the grammar forces from there (or
+        EOS to the end once it has ended). The matcher is left as it was."""
         ended = self.ended
+        out = self._decode(argmax, logits_at, 1)
+        consumed = sum(1 for t in out if t not in self.eos_ids)
         try:
-            while len(out) < len(argmax):
+            if not self.ended and len(out) < len(argmax):
+                out += self.matcher.compute_ff_tokens()[:len(argmax) - len(out)]
+        finally:
+            self.matcher.rollback(consumed)
+            self.ended = ended
+        return out
+
+    def _decode(self, argmax: list[int], logits_at: Callable[[int], torch.Tensor], max_repairs: int) -> list[int]:
+        """Consume the constrained version of `argmax`, stopping after `max_repairs` repaired
+        tokens; on an exception the matcher is rolled back."""
+        out: list[int] = []
+        ended, repairs = self.ended, 0
+        try:
+            while len(out) < len(argmax) and repairs < max_repairs:
                 if self.ended or self.matcher.is_stopped():
                     self.ended = True
                     out.extend([self.eos] * (len(argmax) - len(out)))
                     break
-                self._step(argmax, out, logits_at)
+                repairs += self._step(argmax, out, logits_at)
         except Exception:
             self.matcher.rollback(sum(1 for t in out if t not in self.eos_ids))
             self.ended = ended
             raise
         return out
 
-    def _step(self, argmax: list[int], out: list[int], logits_at: Callable[[int], torch.Tensor]) -> None:
-        """Extend `out` by the accepted run of the argmax, or by one masked-argmax token, or end."""
+    def _step(self, argmax: list[int], out: list[int], logits_at: Callable[[int], torch.Tensor]) -> bool:
+        """Extend `out` by the accepted run of the argmax, or by one masked-argmax token (returns
+        True: a repair), or end."""
         if self.matcher.is_error():
             raise RuntimeError(f"the grammar matcher failed: {self.matcher.get_error()}")
         i = len(out)
@@ -67,17 +90,17 @@ class Constraint:
         if n:
             self._consume(run[:n])
             out.extend(run[:n])
-            return
+            return False
         if argmax[i] in self.eos_ids and self.matcher.is_accepting():
             self.ended = True
-            return
+            return False
         logits = logits_at(i).float()
         tok = int(logits.masked_fill(~self.mask(), float("-inf")).argmax())
-        if tok in self.eos_ids:
-            self.ended = True
-            return
-        self._consume([tok])
-        out.append(tok)
+        self.ended = tok in self.eos_ids
+        if not self.ended:
+            self._consume([tok])
+            out.append(tok)
+        return True
 
     def _consume(self, tokens: list[int]) -> None:
         if not self.matcher.consume_tokens(tokens):

@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .bench import build_checkpoint, prompts_for
 from .bench_schemas import SUITE
 from .engine.engine import LLM
 from .engine.request import SamplingParams
+from .hardware import auto_dtype
 
 # many items, none long: a request under it always runs to max_tokens
 LONG = {"type": "array", "minItems": 1000, "items": {
@@ -66,7 +65,7 @@ def overhead(preset: str, root: Path, tokenizer_dir: Path, batch: int, steps: in
              prompt_len: int, repeat: int) -> dict:
     """Constrained (frontier pinned, as by default) vs free tok/s at `batch`, fixed steps, every
     request running to max_tokens."""
-    model = build_checkpoint(preset, root / preset, torch.bfloat16, "cpu")
+    model = build_checkpoint(preset, root / preset, auto_dtype("cpu"), "cpu")
     c = model.config.canvas_length
     max_tokens = canvases * c
     llm = LLM(model, tokenizer=tokenizer_dir, max_num_seqs=batch, max_model_len=prompt_len + max_tokens + c)

@@ -85,6 +85,8 @@ def test_two_ranks_give_one_process_tokens(path, tp2):
     one_tokens, one_frames = run_with_frames(LLM(path, max_num_seqs=8), prompts, mixed_params())
     two_tokens, two_frames = run_with_frames(tp2, prompts, mixed_params())
     assert two_tokens == one_tokens and len(one_tokens) == len(prompts)
+    with pytest.raises(ValueError, match="single-device"):       # structured output: one device only
+        tp2.add_request([5, 6], SamplingParams(json_object=True))
     assert two_frames.keys() == one_frames.keys()
     for key, (toks, probs) in one_frames.items():
         assert two_frames[key][0] == toks, key

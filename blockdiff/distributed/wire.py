@@ -23,6 +23,7 @@ class WireRequest:
     frames: bool
     prompt_ids: list[int] = field(default_factory=list)
     images: Any = None                 # the prompt's image inputs (prefills only)
+    constraint: Any = None             # structured output runs on one device only: always None here
 
 
 def _cut(r: Request, prompt: bool = False) -> WireRequest:

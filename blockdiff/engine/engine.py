@@ -171,6 +171,13 @@ class LLM:
 
     def _constraint(self, params: SamplingParams):
         """A fresh grammar matcher for a structured-output request (None for free text)."""
+        return None if params.grammar is None else compile_constraint(self.prepare_grammar(params), params.grammar)
+
+    def prepare_grammar(self, params: SamplingParams) -> GrammarCompiler | None:
+        """Compile `params`' grammar (and, the first time, the vocabulary's token table: seconds for
+        a 262k vocabulary) into the engine's cache, so that admitting the request is quick. A
+        server calls it from a worker thread; `add_request` calls it too. ValueError if this
+        engine cannot constrain (no tokenizer, tensor parallelism) or the grammar does not compile."""
         if params.grammar is None:
             return None
         if not isinstance(self.runner, ModelRunner) or self.tokenizer is None:
@@ -179,7 +186,8 @@ class LLM:
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.model.config.vocab_size,
                                              self.eos_ids)
-        return compile_constraint(self._grammars, params.grammar)
+        self._grammars.matcher(params.grammar)
+        return self._grammars
 
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)

@@ -121,8 +121,15 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     _add_error_handlers(app)
 
     def prepare(raw: bytes, kind: type):
-        """Parse, tokenize, render templates and process images: CPU work kept off the event loop."""
-        return build_plan(parse_request(raw, kind), llm.inputs, limits, config.model_name, llm.defaults)
+        """Parse, tokenize, render templates, process images and compile grammars: CPU work kept off
+        the event loop and the engine thread."""
+        plan = build_plan(parse_request(raw, kind), llm.inputs, limits, config.model_name, llm.defaults)
+        for choice in plan.choices[:1]:          # the choices share one grammar
+            try:
+                llm.prepare_grammar(choice.params)
+            except ValueError as e:
+                raise ApiError(400, str(e), param="response_format", code="invalid_value") from None
+        return plan
 
     async def generate(request: Request, kind: type):
         plan = await asyncio.to_thread(prepare, await request.body(), kind)

@@ -8,7 +8,7 @@
   table from the tokenizer's `tokenizer.json` once and makes a fresh `LLMatcher` per request.
   Every id in `eos_ids` counts as end of sequence: the matcher allows them exactly where the
   grammar may end. Ids at or above the tokenizer's vocabulary (padding rows of the embedding) are
-  never allowed.
+  never allowed. Compiled grammars are cached per spec; each request gets a copy.
 JSON is generated compactly (no free whitespace between tokens), which keeps outputs short and
 the model away from whitespace loops.
 """
@@ -24,6 +24,7 @@ KINDS = ("json_schema", "regex", "json_object")
 # compact separators: a model cannot loop on insignificant whitespace
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 ANY_OBJECT = {"type": "object"}
+CACHE = 64              # compiled grammars kept per engine
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,17 @@ class GrammarCompiler:
         self.eos_ids = sorted(set(eos_ids))
         # n_vocab = the model's vocabulary: masks then cover every logit row
         self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=self.eos_ids)
+        self._compiled: dict[GrammarSpec, llguidance.LLMatcher] = {}     # pristine matchers, never advanced
 
     def matcher(self, spec: GrammarSpec) -> llguidance.LLMatcher:
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar_text(spec), log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"{spec.kind} does not compile for this vocabulary: {_first_line(matcher.get_error())}")
-        return matcher
+        """A fresh matcher: a copy of the spec's compiled one (compiled on first use, kept for the
+        last CACHE specs), so n choices or repeated schemas compile once."""
+        base = self._compiled.get(spec)
+        if base is None:
+            base = llguidance.LLMatcher(self.tokenizer, grammar_text(spec), log_level=0)
+            if base.is_error():
+                raise ValueError(f"{spec.kind} does not compile for this vocabulary: {_first_line(base.get_error())}")
+            if len(self._compiled) >= CACHE:
+                self._compiled.pop(next(iter(self._compiled)))
+            self._compiled[spec] = base
+        return base.deep_copy()

@@ -122,7 +122,8 @@ FIELDS = {
     "blockdiff_frames": ([None], [{"max_fps": 0}, {"fps": 1}]),
     "logit_bias": ([{}, None], [{"1": 2}]),
     "presence_penalty": ([0, 0.0, None], [1, False]),
-    "response_format": ([{"type": "text"}], [{"type": "xml"}]),
+    "response_format": ([{"type": "text"}, {"type": "json_object"}],
+                        [{"type": "xml"}, {"type": "json_schema"}, {"type": "json_object", "json_schema": 1}]),
 }
 # the step count is always there and small when valid, so valid bodies stay cheap to serve
 STEPS = ([1, 2, 4], [0, 513, 3.0, "2"])

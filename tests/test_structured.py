@@ -146,3 +146,9 @@ def test_guide_pins_the_frontier_and_leaves_the_matcher(llm):
     assert tok.decode(pins) == '{"a":7,"bb":'
     assert constraint.guide(canvas, logits_at) == pins   # the matcher did not move
     assert tok.decode(constraint.commit(canvas, logits_at)).startswith('{"a":7,"bb":')
+
+
+def test_a_match_that_fills_the_canvas_ends_without_another_canvas(llm):
+    c = llm.model.config.canvas_length
+    out = llm.generate(["x"], SamplingParams(max_tokens=4 * c, seed=0, regex="a" * c, **FAST))[0]
+    assert out.text == "a" * c and out.finish_reason == "stop" and out.stats.canvases == 1

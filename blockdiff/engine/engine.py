@@ -238,6 +238,8 @@ class LLM:
         failed = [r for r in batch.running if r.request_id in result.failed]
         outputs = []
         for req, tokens in self.scheduler.update_from_output(batch, result):
+            if req.constraint is not None and req.constraint.complete:
+                tokens = tokens + [req.constraint.eos]      # the grammar can only end: no canvas of EOS to run
             outputs.append(self.output.on_canvas(req, tokens))
             if req.finish_reason is None:
                 self.scheduler.queue_commit(req, tokens)

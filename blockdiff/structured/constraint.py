@@ -33,6 +33,11 @@ class Constraint:
         self.eos_ids, self.eos = frozenset(eos_ids), min(eos_ids)
         self.ended = False            # the committed text is a complete match: only EOS follows
 
+    @property
+    def complete(self) -> bool:
+        """The committed text is a whole match that cannot go on: only EOS may follow."""
+        return self.ended or self.matcher.is_stopped()
+
     def mask(self) -> torch.Tensor:
         """(V,) bool: the tokens the grammar allows next (EOS ids where it may end)."""
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")

@@ -53,6 +53,20 @@ def test_json_schema_response_validates(client):
     assert any(c.finish_reason == "stop" for c in r.choices)
 
 
+def test_client_parse_with_a_pydantic_model(client):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog"]
+        legs: int = Field(ge=0, le=4)
+
+    r = client.chat.completions.parse(model=MODEL, messages=ASK, max_tokens=64, seed=3, response_format=Pet,
+                                      extra_body=FAST)
+    assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Pet)
+
+
 def test_json_object_response_and_completions(client):
     r = chat(client, response_format={"type": "json_object"}, max_tokens=256)
     assert r.choices[0].message.content.startswith("{")

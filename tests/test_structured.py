@@ -152,3 +152,19 @@ def test_a_match_that_fills_the_canvas_ends_without_another_canvas(llm):
     c = llm.model.config.canvas_length
     out = llm.generate(["x"], SamplingParams(max_tokens=4 * c, seed=0, regex="a" * c, **FAST))[0]
     assert out.text == "a" * c and out.finish_reason == "stop" and out.stats.canvases == 1
+
+
+def test_a_grammar_fault_fails_its_request_alone(llm):
+    free = SamplingParams(max_tokens=32, seed=8, **FAST)
+    alone = llm.generate(["world"], free)[0].token_ids
+    bad = llm.add_request("hello", SamplingParams(max_tokens=32, seed=1, json_object=True, **FAST))
+
+    def broken(*args):
+        raise RuntimeError("grammar fault")
+    llm.requests[bad].constraint.commit = llm.requests[bad].constraint.guide = broken
+    good = llm.add_request("world", free)
+    finals = {}
+    while llm.has_unfinished():
+        finals.update({o.request_id: o for o in llm.step() if o.finished})
+    assert finals[bad].finish_reason == "error" and "grammar fault" in finals[bad].error
+    assert finals[good].token_ids == alone

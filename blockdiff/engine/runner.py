@@ -178,28 +178,35 @@ class ModelRunner:
         rows = [i for i, d in enumerate(done) if d]
         if rows:
             for i, tokens in zip(rows, out.argmax[rows].tolist()):
-                constraint = requests[i].constraint
-                if constraint is not None:       # structured output: a constrained commit (one host sync a row)
-                    tokens = constraint.commit(tokens, RowLogits(hidden[i], self.model.embed_tokens.weight,
-                                                                 self.budget // 4))
                 result.finished[requests[i].request_id] = tokens
-        guided = [i for i, r in enumerate(requests) if r.constraint is not None and not done[i]]
-        if guided and self.guide_constraints:
-            self._guide([requests[i] for i in guided], out.argmax[guided].tolist(), hidden[guided])
+        constrained = [i for i, r in enumerate(requests) if r.constraint is not None]
+        if constrained:
+            self._constrain([requests[i] for i in constrained], out.argmax[constrained].tolist(),
+                            hidden[constrained], [done[i] for i in constrained], result)
         framed = [i for i, r in enumerate(requests) if r.frames]
         if framed:
             data = zip(out.argmax[framed].tolist(), out.accept[framed].tolist(), out.max_prob[framed].float().tolist())
             for i, d in zip(framed, data):
                 result.frames[requests[i].request_id] = d
 
-    def _guide(self, requests: list[Request], argmax: list[list[int]], hidden: torch.Tensor) -> None:
-        """Pin the grammar frontier of constrained rows into their next step's canvas (one (V,)
-        logits row per request, only where its argmax leaves the grammar; see `Constraint.guide`)."""
+    def _constrain(self, requests: list[Request], argmax: list[list[int]], hidden: torch.Tensor, done: list[bool],
+                   result: StepResult) -> None:
+        """Structured-output rows after a step (their argmax copied to the host once): a finished
+        canvas is committed through the grammar (`Constraint.commit`); a running one gets its grammar
+        frontier pinned into the canvas of its next step (`Constraint.guide`). Each repaired position
+        costs one (V,) row of logits from `hidden` (R, C, H). A grammar fault fails its request alone."""
         w = self.model.embed_tokens.weight
-        for r, tokens, h in zip(requests, argmax, hidden):
-            pins = r.constraint.guide(tokens, RowLogits(h, w, 0))
-            if pins:
-                self.canvas[r.slot, :len(pins)] = torch.tensor(pins, device=self.device)
+        for r, tokens, h, finished in zip(requests, argmax, hidden, done):
+            try:
+                if finished:
+                    result.finished[r.request_id] = r.constraint.commit(tokens, RowLogits(h, w, self.budget // 4))
+                elif self.guide_constraints:
+                    pins = r.constraint.guide(tokens, RowLogits(h, w, 0))
+                    if pins:
+                        self.canvas[r.slot, :len(pins)] = torch.tensor(pins, device=self.device)
+            except Exception:                          # noqa: BLE001 - a grammar fault belongs to its request
+                result.finished.pop(r.request_id, None)
+                _fail(r, result)
 
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -41,8 +41,13 @@ def validity(model_dir: Path, seeds: int, max_tokens: int, guide: bool = True) -
                                                             f"{json.dumps(schema)}"}]) for desc, schema, _ in jobs]
     params = [SamplingParams(max_tokens=max_tokens, seed=seed, json_schema=schema) for _, schema, seed in jobs]
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    requests = [llm.requests[llm.add_request(p, sp)] for p, sp in zip(prompts, params)]
+    finals = {}
+    while llm.has_unfinished():
+        finals.update({o.request_id: o for o in llm.step() if o.finished})
     wall = time.perf_counter() - start
+    outs = [finals[r.request_id] for r in requests]
+    committed = sum(r.constraint.committed for r in requests)
     stops, valid, failures = 0, 0, []
     for (desc, schema, _), out in zip(jobs, outs):
         if out.finish_reason != "stop":
@@ -57,6 +62,7 @@ def validity(model_dir: Path, seeds: int, max_tokens: int, guide: bool = True) -
             "valid_stop": valid, "valid_share_of_stop": valid / stops if stops else float("nan"),
             "length": sum(o.finish_reason == "length" for o in outs), "failures": failures[:5],
             "tokens": sum(len(o.token_ids) for o in outs), "wall_s": wall,
+            "repaired_share": sum(r.constraint.repaired for r in requests) / max(1, committed),
             "steps_per_canvas": sum(sum(o.stats.steps_per_canvas) for o in outs) /
             max(1, sum(len(o.stats.steps_per_canvas) for o in outs))}
 

@@ -70,7 +70,7 @@ def measure_structured(args, root: Path) -> int:
     for name in ("validity", "validity_commit_only"):
         v = res[name]
         print(f"{name}: stop {v['stop']}/{v['requests']} ({v['stop_share']:.1%}), valid {v['valid_stop']}/{v['stop']}, "
-              f"{v['steps_per_canvas']:.1f} steps/canvas")
+              f"{v['repaired_share']:.1%} of tokens repaired, {v['steps_per_canvas']:.1f} steps/canvas")
     print(f"constrained/free tok/s at batch 16: {res['overhead']['constrained_vs_free']:.3f}")
     print(json.dumps(res, sort_keys=True))
     return 0

@@ -32,6 +32,7 @@ class Constraint:
         self.matcher, self.vocab_size = matcher, vocab_size
         self.eos_ids, self.eos = frozenset(eos_ids), min(eos_ids)
         self.ended = False            # the committed text is a complete match: only EOS follows
+        self.committed = self.repaired = 0    # committed tokens (EOS fill excluded), how many were repairs
 
     @property
     def complete(self) -> bool:
@@ -45,7 +46,11 @@ class Constraint:
 
     def commit(self, argmax: list[int], logits_at: Callable[[int], torch.Tensor]) -> list[int]:
         """The canvas to commit instead of `argmax` (C,); advances the matcher over it."""
-        return self._decode(argmax, logits_at, len(argmax))
+        out = self._decode(argmax, logits_at, len(argmax))
+        kept = [t for t in out if t not in self.eos_ids]
+        self.committed += len(kept)
+        self.repaired += sum(a != t for a, t in zip(argmax, kept))
+        return out
 
     def guide(self, argmax: list[int], logits_at: Callable[[int], torch.Tensor]) -> list[int]:
         """Tokens to pin at the start of the next denoising step's canvas: the longest valid prefix of

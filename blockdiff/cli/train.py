@@ -136,7 +136,8 @@ def add_export(sub) -> None:
                    help="corpus directory whose manifest.json lists sources and licenses (default data/corpus)")
     p.add_argument("--eval", type=Path, default=None,
                    help="a file whose last line is `blockdiff eval`'s JSON, added to the model card")
-    p.add_argument("--note", default="", help="a paragraph added to the card's training section")
+    p.add_argument("--generation-config", type=Path, default=None, metavar="FILE",
+                   help="a generation_config.json to ship: the sampler defaults of generate, serve and eval")
     p.set_defaults(func=run_export)
 
 
@@ -145,7 +146,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     evaluation = json.loads(args.eval.read_text().strip().splitlines()[-1]) if args.eval else None
     export_run(args.run, args.dest, args.dtype, args.corpus if args.corpus.is_dir() else None,
-               evaluation=evaluation, note=args.note)
+               evaluation=evaluation, generation_config=args.generation_config)
     return 0
 
 

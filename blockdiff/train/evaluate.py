@@ -137,7 +137,7 @@ def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | N
 
     texts, speed = run(base)
     sampler = {k: v for k, v in asdict(base).items() if k not in ("max_tokens", "stop", "seed", "ignore_eos")}
-    res = {"samples": len(prompts), "max_tokens": max_tokens, "steps": base.max_denoising_steps, "sampler": sampler,
+    res = {"model": str(model_dir), "samples": len(prompts), "max_tokens": max_tokens, "steps": base.max_denoising_steps, "sampler": sampler,
            **_row("real", judge, prompts, [c for _, c in pairs]), **_row("diffusion", judge, prompts, texts),
            "diffusion_tok_s": speed, "diffusion_example": prompts[0] + texts[0] if texts else ""}
     if fast_steps:
@@ -148,6 +148,7 @@ def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | N
     if val_batches:
         res.update(validation_losses(load_model(model_dir), corpus, "diffusion", val_batches, seq_len))
     if ar_model_dir is not None:
+        res["ar_model"] = str(ar_model_dir)
         res.update(_ar_rows(ar_model_dir, llm.model.dtype, tokenizer, prompts, judge, max_tokens, ar_temperature))
         if val_batches:
             ar = load_model(ar_model_dir)

@@ -84,9 +84,10 @@ def _training(f: CardFacts) -> list[str]:
              f"- training tokens (clean): {tokens if tokens is not None else 'n/a'}",
              f"- objective: {f.train_config.get('objective', 'n/a')}"
              + (f", initialised from {f.train_config['init_from']}" if f.train_config.get("init_from") else "")]
-    if f.throughput and tokens:
-        lines.append(f"- compute: {tokens / f.throughput / 3600:.2f} h at the median logged {f.throughput:.0f} "
-                     f"tok/s; about {6 * f.params * tokens:.2e} FLOPs (6 x parameters x tokens)")
+    if tokens:
+        hours = (f"{tokens / f.throughput / 3600:.2f} h at the median logged {f.throughput:.0f} tok/s; "
+                 if f.throughput else "")
+        lines.append(f"- compute: {hours}about {6 * f.params * tokens:.2e} FLOPs (6 x parameters x tokens)")
     lines += [f"- last training loss: {_fmt(f.train.get('loss'))} (decoder {_fmt(f.train.get('decoder'))}, "
               f"encoder {_fmt(f.train.get('encoder'))})",
               f"- validation loss at step {f.val.get('step', 'n/a')}: {_fmt(f.val.get('val_loss'))} (decoder "
@@ -106,7 +107,7 @@ def _evaluation(ev: dict) -> list[str]:
     rows = [("real held-out text", "real", None),
             (f"this model, shipped defaults (<= {ev.get('steps')} steps per canvas)", "diffusion", "diffusion_tok_s"),
             (f"this model, <= {ev.get('fast_steps')} steps per canvas", "diffusion_fast", "diffusion_tok_s_fast"),
-            (f"AR baseline (temperature {ev.get('ar_temperature')})", "ar", "ar_tok_s")]
+            (f"{_ar_name(ev)}, AR decoding (temperature {ev.get('ar_temperature')})", "ar", "ar_tok_s")]
     lines = ["## Evaluation (`blockdiff eval`)", "",
              f"Judge: SmolLM2-135M perplexity of {ev.get('samples')} continuations of {ev.get('max_tokens')} tokens "
              "after held-out prompts; distinct 3-grams: distinct word 3-grams / all word 3-grams of the "
@@ -118,6 +119,12 @@ def _evaluation(ev: dict) -> list[str]:
             lines.append(f"| {name} | {_fmt(ev[f'judge_ppl_{key}'])} | {_fmt(ev.get(f'distinct3_{key}'))} | "
                          f"{ev.get(f'short_{key}', 'n/a')} | {_fmt(ev.get(speed)) if speed else 'n/a'} |")
     return lines + [""]
+
+
+def _ar_name(ev: dict) -> str:
+    """The AR row's model: this model's own encoder (through the tied head), or another model."""
+    same = ev.get("ar_model") is not None and ev.get("ar_model") == ev.get("model")
+    return "this model's encoder" if same else f"AR baseline {ev.get('ar_model', '')}".rstrip()
 
 
 def _fmt(x) -> str:

@@ -70,8 +70,13 @@ def _recipe(f: CardFacts) -> list[str]:
         steps.append(f"blockdiff distill --teacher {d['teacher']} --corpus {corpus} --out {data_dir} --tokens "
                      f"TOKENS --prompt-tokens {d['prompt_tokens']} --new-tokens {d['new_tokens']} --temperature "
                      f"{d['temperature']} --batch {d['batch']} --seed {d['seed']}")
+    ev = f.evaluation or {}
+    ship = " --generation-config generation_config.json" if f.generation else ""
     steps += ["blockdiff train train.json                    # the config below; --resume continues",
-              f"blockdiff export {f.run_dir} DEST --generation-config generation_config.json --eval eval.json"]
+              f"blockdiff export {f.run_dir} DEST{ship}",
+              f"blockdiff eval --model DEST --samples {ev.get('samples', 16)} --max-tokens {ev.get('max_tokens', 64)}"
+              " [--ar-model AR_DIR] > eval.json",
+              f"blockdiff export {f.run_dir} DEST{ship} --eval eval.json    # the card with the eval table"]
     shown = {k: v for k, v in tc.items() if v is not None}
     return (["## Reproduce (from a clean checkout, `pip install -e .`)", "", "```sh", *steps, "```", "",
              "`train.json`, the run's training config:", "", "```json", json.dumps(shown, indent=1), "```", ""])

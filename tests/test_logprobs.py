@@ -13,7 +13,7 @@ from blockdiff.engine.engine import LLM
 from blockdiff.engine.request import SamplingParams
 from blockdiff.model.init import init_weights
 from blockdiff.model.transformer import DiffusionGemma
-from blockdiff.random_model import tiny_config
+from blockdiff.random_model import create_random_model, tiny_config
 
 
 def tiny_model(vocab: int, dtype=torch.float32) -> DiffusionGemma:
@@ -63,3 +63,71 @@ def test_no_alternatives_and_the_argmax_has_rank_one():
             got = committed_logprobs(model, hidden, temp, ids, 0, 2**16, stream=stream)
             assert got.top_ids.shape == (8, 0) and torch.equal(got.rank, torch.ones(8, dtype=torch.long))
             torch.testing.assert_close(got.logprob, logp.amax(-1), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return create_random_model(tmp_path_factory.mktemp("logprobs") / "m", seed=2)
+
+
+LP = dict(max_denoising_steps=4, ignore_eos=True, logprobs=3)
+
+
+def run_with_frames(llm, prompt, params):
+    """The finished output and, per canvas, the max_prob of its last denoising step."""
+    rid = llm.add_request(prompt, params, frames=True)
+    last, out = {}, None
+    while out is None:
+        for o in llm.step():
+            out = o if o.request_id == rid and o.finished else out
+        last.update({f.canvas: f.max_prob for f in llm.frames})
+    return out, [p for c in sorted(last) for p in last[c]]
+
+
+def test_one_entry_per_token_and_the_argmax_probability_is_max_prob(model_dir):
+    llm = LLM(model_dir, max_num_seqs=4)
+    out, max_prob = run_with_frames(llm, [5, 6, 7], SamplingParams(max_tokens=40, seed=1, **LP))
+    assert len(out.logprobs) == len(out.token_ids) == 40 and len(out.text_offsets) == 40
+    for token, entry, p in zip(out.token_ids, out.logprobs, max_prob):
+        assert next(iter(entry)) == token and entry[token].rank == 1          # the committed argmax
+        assert math.exp(entry[token].logprob) == pytest.approx(p, rel=1e-4)
+        assert 3 <= len(entry) <= 4 and sorted(e.rank for e in entry.values())[:3] == [1, 2, 3]
+        assert all(e.logprob <= 0 for e in entry.values())
+    assert out.text_offsets == sorted(out.text_offsets) and out.text_offsets[-1] <= len(out.text)
+    none = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=40, seed=1, max_denoising_steps=4, ignore_eos=True))[0]
+    assert none.token_ids == out.token_ids and none.logprobs is None
+
+
+@pytest.mark.parametrize("budget_mb", [256, 0.05])         # materialised, and the vocabulary streamed
+def test_a_request_has_the_same_logprobs_alone_and_in_a_mixed_batch(model_dir, budget_mb):
+    llm = LLM(model_dir, max_num_seqs=4, sampler_memory_mb=budget_mb)
+    sp = SamplingParams(max_tokens=20, seed=4, **LP)
+    alone = llm.generate([[9, 8, 7]], sp)[0]
+    others = [SamplingParams(max_tokens=30, seed=5, top_k=5, max_denoising_steps=3),
+              SamplingParams(max_tokens=10, seed=6, temperature=0.5, **{**LP, "logprobs": 7})]
+    mixed = llm.generate([[1, 2, 3, 4, 5, 6], [9, 8, 7], [3, 3]], [others[0], sp, others[1]])
+    assert mixed[1].token_ids == alone.token_ids and len(mixed[2].logprobs) == 10
+    for a, b in zip(alone.logprobs, mixed[1].logprobs):
+        assert list(a) == list(b)
+        for t in a:
+            assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-5) and a[t].rank == b[t].rank
+
+
+def test_streamed_entries_follow_their_text_and_stop_strings_cut_them(model_dir):
+    """Byte tokens split UTF-8 characters and a stop string holds text back: every streamed output
+    carries the entries of exactly the tokens its text covers, and the cut drops the stopped ones."""
+    llm = LLM(model_dir, max_num_seqs=4)
+    free = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=48, seed=3, **LP))[0]
+    stop = free.text[30:33]
+    assert len(stop) == 3 and stop not in free.text[:30]
+    outs = list(llm.stream([[5, 6, 7]], SamplingParams(max_tokens=48, seed=3, stop=[stop], **LP)))
+    final = outs[-1]
+    assert final.finish_reason == "stop" and final.text == free.text[:30]
+    assert len(final.logprobs) == len(final.token_ids) < 48
+    assert final.logprobs == free.logprobs[:len(final.token_ids)]
+    assert [e for o in outs for e in o.delta_logprobs] == final.logprobs
+    decode = llm.tokenizer.decode
+    for o in outs[:-1]:
+        n = len(o.logprobs)
+        assert len(decode(o.token_ids[:n]).rstrip("\ufffd")) <= len(o.text)          # all its text is sent
+        assert n == len(o.token_ids) or len(decode(o.token_ids[:n + 1]).rstrip("\ufffd")) > len(o.text)

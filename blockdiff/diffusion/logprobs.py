@@ -138,6 +138,7 @@ def streamed_logprobs(head: Head, h: torch.Tensor, temp: torch.Tensor, ids: torc
     return finish(stats, n, above)
 
 
+@torch.no_grad()
 def committed_logprobs(model, hidden: torch.Tensor, temp: torch.Tensor, ids: torch.Tensor, n: int,
                        budget_bytes: int, stream: bool | None = None, shard=None) -> TokenLogprobs:
     """hidden (r, C, H) the final step's hidden states of the rows that asked, temp (r,) that step's

@@ -20,12 +20,14 @@ from typing import Callable
 
 import torch
 
-from ..diffusion.sampler import (RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core)
+from ..diffusion.logprobs import committed_logprobs
+from ..diffusion.sampler import (RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core,
+                                 row_temperature)
 from ..diffusion.noise import INIT, hash_tokens
 from ..diffusion.params import MAX_STABILITY
 from ..image_prompt import image_spans
 from ..model.slot_cache import SlotCache, SlotDecodeContext, SlotEncodeContext
-from .request import Request, SamplingParams
+from .request import CanvasLogprobs, Request, SamplingParams
 from .scheduler import ScheduledBatch, StepResult
 
 log = logging.getLogger("blockdiff.engine")
@@ -52,8 +54,9 @@ def _fail(request: Request, result: StepResult) -> None:
 
 class ModelRunner:
     def __init__(self, model, num_slots: int, max_len: int, sampler_budget_mb: float = 256,
-                 compile_sampler: bool = False, tile_step=None):
-        """`tile_step`: the sampler's step over a tile of rows (see `denoise_rows`; None: the sampler's own)."""
+                 compile_sampler: bool = False, tile_step=None, shard=None):
+        """`tile_step`: the sampler's step over a tile of rows (see `denoise_rows`; None: the sampler's own);
+        `shard`: tensor parallelism's vocabulary slice (`distributed.vocab.VocabShard`) for logprobs."""
         cfg, dev = model.config, model.device
         self.model, self.c, self.device = model, cfg.canvas_length, dev
         self.cache = SlotCache(cfg, num_slots, max_len, model.dtype, dev)
@@ -65,7 +68,7 @@ class ModelRunner:
         self.canvas_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.knobs = {k: torch.zeros(num_slots, dtype=d, device=dev) for k, d in KNOB_DTYPES.items()}
         self.sampler_core = compiled_sampler_core() if compile_sampler else eager_sampler_core(model)
-        self.tile_step = tile_step
+        self.tile_step, self.shard = tile_step, shard
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:
@@ -177,11 +180,27 @@ class ModelRunner:
         if rows:
             for i, tokens in zip(rows, out.argmax[rows].tolist()):
                 result.finished[requests[i].request_id] = tokens
+            self._logprobs_into([i for i in rows if requests[i].params.logprobs is not None], requests, out, result)
         framed = [i for i, r in enumerate(requests) if r.frames]
         if framed:
             data = zip(out.argmax[framed].tolist(), out.accept[framed].tolist(), out.max_prob[framed].float().tolist())
             for i, d in zip(framed, data):
                 result.frames[requests[i].request_id] = d
+
+    def _logprobs_into(self, rows: list[int], requests: list[Request], out: StepOut, result: StepResult) -> None:
+        """Logprobs of the committed canvases of `rows` (those that asked), under the step just run."""
+        if not rows:
+            return
+        ids = torch.tensor([result.finished[requests[i].request_id] for i in rows], device=self.device)
+        n = max(requests[i].params.logprobs for i in rows)
+        lp = committed_logprobs(self.model, out.hidden[rows], out.temp[rows], ids, n, self.budget, shard=self.shard)
+        c = self.c
+        data = zip(lp.logprob.view(-1, c).tolist(), lp.rank.view(-1, c).tolist(),
+                   lp.top_ids.view(-1, c, n).tolist(), lp.top_logprobs.view(-1, c, n).tolist())
+        for i, (logprob, rank, top_ids, top_logprobs) in zip(rows, data):
+            k = requests[i].params.logprobs
+            result.logprobs[requests[i].request_id] = CanvasLogprobs(
+                logprob, rank, [t[:k] for t in top_ids], [t[:k] for t in top_logprobs])
 
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,6 +217,7 @@ class ModelRunner:
         out, history = denoise_rows(self.model, hidden, knobs, self.step_idx[idx], self.canvas_idx[idx],
                                     self.history[idx], self.budget, use_k, use_p, self.sampler_core, self.tile_step)
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
+        out.hidden, out.temp = hidden, row_temperature(knobs, self.step_idx[idx])
         self.step_idx[idx] += 1
         done = out.stop | (self.step_idx[idx] >= knobs.max_denoising_steps)
         return out, done.tolist()

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from blockdiff.bench import PeakMemory
 from blockdiff.diffusion.logprobs import committed_logprobs
 from blockdiff.diffusion.sampler import processed_logits
 from blockdiff.engine.engine import LLM
@@ -131,3 +132,18 @@ def test_streamed_entries_follow_their_text_and_stop_strings_cut_them(model_dir)
         n = len(o.logprobs)
         assert len(decode(o.token_ids[:n]).rstrip("\ufffd")) <= len(o.text)          # all its text is sent
         assert n == len(o.token_ids) or len(decode(o.token_ids[:n + 1]).rstrip("\ufffd")) > len(o.text)
+
+
+def test_a_262k_vocabulary_streams_under_the_budget():
+    """The released vocabulary size: 4 rows x 16 positions x 262,144 fp32 logits would be 64 MB; the
+    streamed pass stays within its 8 MB budget, and agrees with a direct log_softmax."""
+    cfg = tiny_config(vocab_size=262144, hidden_size=32, num_hidden_layers=1, layer_types=["full_attention"])
+    model = init_weights(DiffusionGemma(cfg), seed=0).eval()
+    hidden, temp = torch.randn(4, 16, 32), torch.full((4,), 0.6)
+    ids = torch.randint(0, 262144, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), PeakMemory("cpu") as mem:
+        got = committed_logprobs(model, hidden, temp, ids, 20, 8 << 20)
+    assert mem.mb < 8
+    logp, chosen, rank, order = direct(model, hidden[:1, :4], temp[:1], ids[:1, :4], 20)
+    torch.testing.assert_close(got.logprob[:4], chosen, atol=1e-4, rtol=0)
+    assert torch.equal(got.rank[:4], rank) and torch.equal(got.top_ids[:4], order)

@@ -55,7 +55,7 @@ ID_BITS = 31
 def order_key(y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """int64 keys that sort like (logit y, then lower id first): top-N lists are exact and do not
     depend on how the vocabulary was tiled, ties (common in bf16) included."""
-    return (sortable_key(y) << ID_BITS) | ((1 << ID_BITS) - 1 - ids)
+    return sortable_key(y).bitwise_left_shift_(ID_BITS).bitwise_or_((1 << ID_BITS) - 1 - ids)
 
 
 def from_key(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +125,8 @@ def streamed_logprobs(head: Head, h: torch.Tensor, temp: torch.Tensor, ids: torc
     top entries when the chosen logit is among them (always for an argmax commit); otherwise one
     more pass counts the tokens above it. `gather` / `all_reduce`: tensor parallelism's collectives
     (each rank's `head` holds ids [lo, lo + V_r)); every rank must call this with the same rows."""
-    tile = tile_width(h.shape[0], head.weight.shape[0], tile_bytes)
+    # a quarter of the sampler's tile: a tile's int64 order keys and their temporaries live at once
+    tile = tile_width(h.shape[0], head.weight.shape[0], tile_bytes // 4)
     stats = slice_stats(head, h, temp, ids, max(n, 1), tile, lo)
     if gather is not None:
         stats = merge(stats, gather)

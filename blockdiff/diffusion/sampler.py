@@ -48,8 +48,6 @@ class StepOut:
     max_prob: torch.Tensor        # (R, C) fp32 max probability per position
     soft: torch.Tensor            # (R, C, H) next self-conditioning soft embedding
     stop: torch.Tensor            # (R,) bool: stable and confident (fixed rows: never)
-    hidden: torch.Tensor | None = None   # (R, C, H) the hidden states the step read (set by the runner)
-    temp: torch.Tensor | None = None     # (R,) the step's temperatures (set by the runner), for logprobs
 
 
 STREAM_MIN_VOCAB = 32768      # see `streams`

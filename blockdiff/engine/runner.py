@@ -175,28 +175,31 @@ class ModelRunner:
     def _denoise_into(self, requests: list[Request], result: StepResult) -> None:
         use_k = any(r.params.top_k > 0 for r in requests)
         use_p = any(r.params.top_p < 1 for r in requests)
-        out, done = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p)
+        out, done, hidden = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p)
         rows = [i for i, d in enumerate(done) if d]
         if rows:
             for i, tokens in zip(rows, out.argmax[rows].tolist()):
                 result.finished[requests[i].request_id] = tokens
-            self._logprobs_into([i for i in rows if requests[i].params.logprobs is not None], requests, out, result)
+            self._logprobs_into([i for i in rows if requests[i].params.logprobs is not None], requests, hidden, result)
         framed = [i for i, r in enumerate(requests) if r.frames]
         if framed:
             data = zip(out.argmax[framed].tolist(), out.accept[framed].tolist(), out.max_prob[framed].float().tolist())
             for i, d in zip(framed, data):
                 result.frames[requests[i].request_id] = d
 
-    def _logprobs_into(self, rows: list[int], requests: list[Request], out: StepOut, result: StepResult) -> None:
-        """Logprobs of the committed canvases of `rows` (those that asked), under the step just run."""
+    def _logprobs_into(self, rows: list[int], requests: list[Request], hidden: torch.Tensor,
+                       result: StepResult) -> None:
+        """Logprobs of the committed canvases of `rows` (those that asked) under the step just run:
+        its hidden states (R, C, H) and its temperatures (the step counters have moved on by one)."""
         if not rows:
             return
+        idx = torch.tensor([requests[i].slot for i in rows], device=self.device)
+        temp = row_temperature(self.row_knobs(idx), self.step_idx[idx] - 1)
         ids = torch.tensor([result.finished[requests[i].request_id] for i in rows], device=self.device)
         n = max(requests[i].params.logprobs for i in rows)
-        lp = committed_logprobs(self.model, out.hidden[rows], out.temp[rows], ids, n, self.budget, shard=self.shard)
-        c = self.c
-        data = zip(lp.logprob.view(-1, c).tolist(), lp.rank.view(-1, c).tolist(),
-                   lp.top_ids.view(-1, c, n).tolist(), lp.top_logprobs.view(-1, c, n).tolist())
+        lp = committed_logprobs(self.model, hidden[rows], temp, ids, n, self.budget, shard=self.shard)
+        data = zip(lp.logprob.view(-1, self.c).tolist(), lp.rank.view(-1, self.c).tolist(),
+                   lp.top_ids.view(-1, self.c, n).tolist(), lp.top_logprobs.view(-1, self.c, n).tolist())
         for i, (logprob, rank, top_ids, top_logprobs) in zip(rows, data):
             k = requests[i].params.logprobs
             result.logprobs[requests[i].request_id] = CanvasLogprobs(
@@ -204,9 +207,10 @@ class ModelRunner:
 
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False) -> tuple[StepOut, list[bool]]:
-        """One denoising step for `slots` whose contexts have `lengths`; returns the step's outputs
-        and 'canvas done' per row."""
+    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False
+                ) -> tuple[StepOut, list[bool], torch.Tensor]:
+        """One denoising step for `slots` whose contexts have `lengths`; returns the step's outputs,
+        'canvas done' per row and the decoder's hidden states (R, C, H) (for constrained commits)."""
         idx = torch.tensor(slots, device=self.device)
         lens = torch.tensor(lengths, device=self.device)
         positions = lens[:, None] + torch.arange(self.c, device=self.device)
@@ -217,10 +221,9 @@ class ModelRunner:
         out, history = denoise_rows(self.model, hidden, knobs, self.step_idx[idx], self.canvas_idx[idx],
                                     self.history[idx], self.budget, use_k, use_p, self.sampler_core, self.tile_step)
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
-        out.hidden, out.temp = hidden, row_temperature(knobs, self.step_idx[idx])
         self.step_idx[idx] += 1
         done = out.stop | (self.step_idx[idx] >= knobs.max_denoising_steps)
-        return out, done.tolist()
+        return out, done.tolist(), hidden
 
     @torch.no_grad()
     def commit(self, slots: list[int], lengths: list[int], tokens: list[list[int]]) -> None:

@@ -102,3 +102,18 @@ def test_completions_logprobs_limits_are_400s(client, value):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body={"logprobs": value})
     assert e.value.body["param"] == "logprobs"
+
+
+def test_a_stop_string_drops_the_entries_it_cuts(client):
+    kw = dict(model=MODEL, prompt="Hello", max_tokens=48, seed=7, logprobs=1, extra_body=FAST)
+    free = client.completions.create(**kw).choices[0]
+    stop = free.text[20:23]
+    assert len(stop) == 3 and stop not in free.text[:20]
+    text, tokens, usage = "", [], None
+    for chunk in client.completions.create(**kw, stop=[stop], stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text += c.text
+            tokens += c.logprobs.tokens if c.logprobs else []
+    assert text == free.text[:20] and len(tokens) == usage.completion_tokens < 48
+    assert tokens == free.logprobs.tokens[:len(tokens)]

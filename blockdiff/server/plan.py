@@ -134,7 +134,8 @@ def _sampling_params(req, max_tokens: int, index: int, defaults: SamplingParams 
     knobs = {k: getattr(req, k) for k in KNOBS if getattr(req, k) is not None}
     seed = None if req.seed is None else req.seed + index
     try:
-        params = SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, logprobs=_logprobs(req), **knobs)
+        params = SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, logprobs=_logprobs(req),
+                                **knobs)
         return params.with_defaults(defaults or SamplingParams.built_in())
     except ValueError as e:          # cross-field rules, e.g. t_max > t_min: the message names the field
         field = str(e).split()[0]

@@ -147,3 +147,25 @@ def test_a_262k_vocabulary_streams_under_the_budget():
     _, chosen, rank, order = direct(model, hidden[:1, :4], temp[:1], ids[:1, :4], 20)
     torch.testing.assert_close(got.logprob[:4], chosen, atol=1e-4, rtol=0)
     assert torch.equal(got.rank[:4], rank) and torch.equal(got.top_ids[:4], order)
+
+
+def test_vocabulary_slices_merge_into_the_whole():
+    """Tensor parallelism's path: two ranks' slice statistics (ids offset by the first slice), merged,
+    with the tokens above arbitrary commits counted per slice and summed, equal one whole pass."""
+    from blockdiff.diffusion.logprobs import count_above, finish, merge, slice_stats
+    from blockdiff.diffusion.vocab_stream import Head
+
+    model = tiny_model(1000)
+    w, h, temp = model.embed_tokens.weight, torch.randn(2, 8, model.config.hidden_size), torch.tensor([0.5, 0.9])
+    ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(2))
+    flat_h, flat_t, cap = h.reshape(16, -1), temp.repeat_interleave(8), model.config.final_logit_softcapping
+    heads = [(Head(w[:600], cap, None), 0), (Head(w[600:], cap, None), 600)]
+    with torch.no_grad():
+        parts = [slice_stats(head, flat_h, flat_t, ids.reshape(-1), 5, 128, lo) for head, lo in heads]
+        pairs = {id(getattr(parts[0], f)): getattr(parts[1], f) for f in ("m", "z", "chosen", "top_key")}
+        merged = merge(parts[0], lambda t: torch.stack((t, pairs[id(t)])))
+        above = sum(count_above(head, flat_h, flat_t, merged.chosen, 128) for head, _ in heads)
+        got = finish(merged, 5, above)
+    _, chosen, rank, order = direct(model, h, temp, ids, 5)
+    torch.testing.assert_close(got.logprob, chosen, atol=1e-5, rtol=0)
+    assert torch.equal(got.rank, rank) and torch.equal(got.top_ids, order) and (rank > 5).any()

@@ -107,7 +107,7 @@ def test_prefix_reuse_on_every_rank(path, tp2):
 
 def test_two_ranks_give_one_process_logprobs(path, tp2):
     """Each rank streams its vocabulary slice; the merged entries equal one process's (ids, ranks
-    exactly; values to the split sums' rounding). Greedy commits and a forced count pass alike."""
+    exactly; values to the split sums' rounding)."""
     sp = SamplingParams(max_tokens=20, seed=3, max_denoising_steps=3, ignore_eos=True, logprobs=4)
     one = LLM(path, max_num_seqs=4).generate([[5, 6, 7]], sp)[0]
     two = tp2.generate([[5, 6, 7]], sp)[0]

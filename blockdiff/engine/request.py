@@ -16,6 +16,7 @@ from typing import Any
 from ..diffusion.params import BUILT_IN, MAX_LOGPROBS, DiffusionParams, check_bool, check_int, check_number
 
 BUILT_IN_MAX_TOKENS = 256     # transformers' default max_new_tokens (also the released checkpoint's)
+OFF_WHEN_NONE = ("logprobs",)  # fields whose None means "off", not "left to the defaults"
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class SamplingParams(DiffusionParams):
         check_bool(self.ignore_eos, "ignore_eos")
         if self.logprobs is not None:
             check_int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+
+    @property
+    def unset(self) -> list[str]:
+        return [name for name in super().unset if name not in OFF_WHEN_NONE]
 
     @classmethod
     def built_in(cls) -> SamplingParams:

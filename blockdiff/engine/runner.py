@@ -5,7 +5,9 @@ embedding, argmax history, step and canvas counters, knobs), all preallocated an
 index. `execute(batch)` runs one `ScheduledBatch` and returns a `StepResult`:
 - `prefill(slot, ids, start)`: encode a prompt's uncached tokens into a slot;
 - `commit(slots, lengths, tokens)`: encode finished canvases into their slots and start new ones;
-- `denoise(slots, lengths)`: one batched denoising step for many slots (one host sync a step).
+- `denoise(slots, lengths)`: one batched denoising step for many slots (one host sync a step);
+  a finished canvas whose request asked for logprobs gets them from that step's hidden states
+  (`diffusion/logprobs.py`), computed for those rows only.
 Images run through the vision tower at admission, once for all the step's prefills (every image
 has the processor's padded patch count), and fill their requests' image tokens in the prefill.
 Fault isolation: if a batched call raises, its rows are run one by one, and only the rows that

@@ -117,6 +117,21 @@ def test_two_ranks_give_one_process_logprobs(path, tp2):
         assert max(abs(a[t].logprob - b[t].logprob) for t in a) < 1e-5
 
 
+def test_one_all_reduce_per_block(tp2):
+    """A denoising step's collectives: two per layer (attention; the dense MLP's and the experts'
+    partial sums together), one for the embedding, one for self-conditioning, four for the sampler."""
+    def collectives(steps: int) -> int:
+        sp = SamplingParams(max_tokens=CONFIG.canvas_length, seed=1, max_denoising_steps=steps, fixed_steps=True,
+                            ignore_eos=True)
+        tp2.runner.set_timing(True)
+        tp2.generate([list(range(5, 12))], sp)
+        count = tp2.runner.stats()[0]["collectives"]
+        tp2.runner.set_timing(False)
+        return count
+
+    assert collectives(3) - collectives(2) == 2 * CONFIG.num_hidden_layers + 6
+
+
 def test_the_driver_holds_no_weights(tp2):
     assert tp2.model.embed_tokens.weight.device.type == "meta"
     assert tp2.limits[0] == CONFIG.vocab_size

@@ -4,7 +4,7 @@ Plain dict builders, no I/O. Namespaced extras, which the openai clients keep as
 - `blockdiff_timings` (beside `usage`): canvases, denoising_steps, time_to_first_token_s,
   latency_s, tokens_per_second (end to end) and in_step_tokens_per_second (completion tokens over
   the time spent in the engine steps this request took part in; for n > 1 the longest choice's).
-- `logprobs` of a choice (requests that ask): see `logprob_format.py`; a stream chunk's cover its text.
+- `logprobs` of a choice (requests that ask): see `logprob_format.py`; a stream chunk's entries cover its text.
 - `blockdiff_frame` on a denoising-frame chunk: {index, canvas, step, max_steps, token_ids,
   tokens, accepted, max_prob}. Its one choice has an empty delta (chat) or empty text
   (completions) and no finish_reason, so a client that does not know frames sees a no-op chunk.

@@ -74,6 +74,15 @@ def materialised_logprobs(proc: torch.Tensor, ids: torch.Tensor, n: int) -> Toke
     return TokenLogprobs(logp.gather(1, ids[:, None]).squeeze(1), rank, top_ids, logp.gather(1, top_ids))
 
 
+def tile_top_keys(y: torch.Tensor, k: int, first_id: int) -> torch.Tensor:
+    """`order_key`s of the k most probable tokens of a tile y (P, T) of ids first_id.. : the tile's
+    plain top-k, keyed, unless a tie straddles its cut, where the whole tile is keyed (exact)."""
+    top = y.topk(k, -1)
+    if bool(((y >= top.values[:, -1:]).sum(-1) > k).any()):
+        return order_key(y, torch.arange(first_id, first_id + y.shape[1], device=y.device)).topk(k, -1).values
+    return order_key(top.values, top.indices + first_id)
+
+
 def slice_stats(head: Head, h: torch.Tensor, temp: torch.Tensor, ids: torch.Tensor, k: int, tile: int,
                 lo: int = 0) -> SliceStats:
     """One pass over `head`'s vocabulary (global ids lo + local), tiles of `tile` tokens.
@@ -90,7 +99,7 @@ def slice_stats(head: Head, h: torch.Tensor, temp: torch.Tensor, ids: torch.Tens
         m = m_new
         inside = (local >= t_lo) & (local < t_lo + n)
         chosen = torch.where(inside, y.gather(1, (local - t_lo).clamp(0, n - 1)[:, None]).squeeze(1), chosen)
-        keys = order_key(y, torch.arange(lo + t_lo, lo + t_lo + n, device=dev)).topk(min(k, n), -1).values
+        keys = tile_top_keys(y, min(k, n), lo + t_lo)
         top_key = torch.cat((top_key, keys), -1).topk(k, -1).values           # the running top-k
     return SliceStats(m, z, chosen, top_key)
 

@@ -91,7 +91,7 @@ class LLM:
         self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)
         eos_ids = set(cfg.eos_ids) | set(self.generation.eos_token_ids) | set(
             self.tokenizer.eos_ids if self.tokenizer else ())
-        self.output = OutputProcessor(self._decode, eos_ids)
+        self.output = OutputProcessor(self._decode, eos_ids, self._decode_token)
         self.eos_ids = sorted(eos_ids)
         self._grammars = None                   # structured.grammar.GrammarCompiler, built on first use
         self.inputs = InputProcessor.for_model(self.tokenizer, cfg, source, max_images_per_prompt,
@@ -146,6 +146,9 @@ class LLM:
     # ---- requests ---------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer else ""
+
+    def _decode_token(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special=False) if self.tokenizer else ""
 
     def add_request(self, prompt: str | list[int] | dict | PromptInputs, params: SamplingParams | None = None,
                     request_id: str | None = None, frames: bool = False) -> str:
@@ -240,7 +243,7 @@ class LLM:
         for req, tokens in self.scheduler.update_from_output(batch, result):
             if req.constraint is not None and req.constraint.complete:
                 tokens = tokens + [req.constraint.eos]      # the grammar can only end: no canvas of EOS to run
-            outputs.append(self.output.on_canvas(req, tokens))
+            outputs.append(self.output.on_canvas(req, tokens, result.logprobs.get(req.request_id)))
             if req.finish_reason is None:
                 self.scheduler.queue_commit(req, tokens)
             else:

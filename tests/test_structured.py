@@ -150,8 +150,9 @@ def test_guide_pins_the_frontier_and_leaves_the_matcher(llm):
 
 def test_a_match_that_fills_the_canvas_ends_without_another_canvas(llm):
     c = llm.model.config.canvas_length
-    out = llm.generate(["x"], SamplingParams(max_tokens=4 * c, seed=0, regex="a" * c, **FAST))[0]
+    out = llm.generate(["x"], SamplingParams(max_tokens=4 * c, seed=0, regex="a" * c, logprobs=1, **FAST))[0]
     assert out.text == "a" * c and out.finish_reason == "stop" and out.stats.canvases == 1
+    assert len(out.logprobs) == c
 
 
 def test_a_grammar_fault_fails_its_request_alone(llm):
@@ -168,3 +169,10 @@ def test_a_grammar_fault_fails_its_request_alone(llm):
         finals.update({o.request_id: o for o in llm.step() if o.finished})
     assert finals[bad].finish_reason == "error" and "grammar fault" in finals[bad].error
     assert finals[good].token_ids == alone
+
+
+def test_logprobs_are_of_the_constrained_tokens(llm):
+    out = llm.generate(["x"], SamplingParams(max_tokens=64, seed=0, json_schema=SCHEMAS[0], logprobs=2, **FAST))[0]
+    assert out.finish_reason == "stop" and len(out.logprobs) == len(out.token_ids)
+    assert all(tok in entry for tok, entry in zip(out.token_ids, out.logprobs))
+    assert any(entry[tok].rank > 1 for tok, entry in zip(out.token_ids, out.logprobs))    # repaired tokens

@@ -4,8 +4,9 @@ Contract: `checkpoint.load_model` calls `quantize_skeleton(model, quantization_c
 meta-device model before reading tensors, so the strict name/shape/dtype checks of the ordinary
 loader apply to the quantized tensors too (a missing `weight_scale`, a dense tensor where the config
 says quantized, a truncated file: one error naming the tensor). After the tensors are assigned,
-`pack_for_kernels(model)` converts every quantized module to its kernels' layout, module by module,
-so the peak is the checkpoint's size plus one module's conversion.
+`StreamingPacker` converts each quantized module to its kernels' layout as soon as the loader has
+read its last tensor and drops the compressed-tensors copies, so the loader's peak is the converted
+model plus one module's tensors, never the checkpoint plus the converted model.
 """
 from __future__ import annotations
 
@@ -69,4 +70,39 @@ def quantize_skeleton(model: DiffusionGemma, quant: dict[str, Any], keys: set[st
 def pack_for_kernels(model: nn.Module) -> None:
     for module in list(model.modules()):
         if isinstance(module, (QuantLinear, Fp8Linear, QuantExperts)):
+            module.pack_for_kernels()
+
+
+class StreamingPacker:
+    """Packs the quantized modules of a skeleton while the loader reads tensors (by our names)."""
+
+    def __init__(self, model: nn.Module):
+        self.waiting: dict[str, tuple[nn.Module, set[str]]] = {}
+        self.owner: dict[str, str] = {}
+        experts = ()
+        for name, module in model.named_modules():
+            if isinstance(module, QuantExperts):
+                experts += (name + ".",)
+            elif not isinstance(module, (QuantLinear, Fp8Linear)) or name.startswith(experts):
+                continue
+            keys = {f"{name}.{k}" for k in module.state_dict()}
+            self.waiting[name] = (module, keys)
+            self.owner.update(dict.fromkeys(keys, name))
+
+    def take(self, key: str, state: dict[str, torch.Tensor]) -> None:
+        """`key` has just been read into `state`: if that completes its module, load and pack it and
+        remove its tensors from `state`."""
+        name = self.owner.pop(key, None)
+        if name is None:
+            return
+        module, keys = self.waiting[name]
+        if any(k in self.owner for k in keys):
+            return
+        del self.waiting[name]
+        module.load_state_dict({k[len(name) + 1:]: state.pop(k) for k in keys}, strict=True, assign=True)
+        module.pack_for_kernels()
+
+    def finish(self) -> None:
+        """After loading: every module has been packed (a missing tensor was named by the loader)."""
+        for module, _ in self.waiting.values():
             module.pack_for_kernels()

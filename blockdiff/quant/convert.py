@@ -94,7 +94,7 @@ def plan_conversion(config: ModelConfig, files: list[Path], scheme: Scheme) -> P
                     seen.add(name)
                     if kind == TIED:
                         continue
-                    _decide(item, name, nbytes, scheme, linears, plan)
+                    decide(item, name, nbytes, scheme, linears, plan)
                     item.out_bytes = item.out_bytes or max(1, torch.Size(shape).numel()) * nbytes
                     plan.items.append(item)
         except SafetensorError as err:
@@ -106,7 +106,7 @@ def plan_conversion(config: ModelConfig, files: list[Path], scheme: Scheme) -> P
     return plan
 
 
-def _decide(item: Item, name: str, nbytes: int, scheme: Scheme, linears: set[str], plan: Plan) -> None:
+def decide(item: Item, name: str, nbytes: int, scheme: Scheme, linears: set[str], plan: Plan) -> None:
     module = to_checkpoint(name).rpartition(".")[0]
     if name in linears and scheme.linears is not None:
         n, k = item.shape
@@ -167,7 +167,7 @@ def quantize(src: str | Path, dst: str | Path, scheme: str, shard_bytes: int = S
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
         tmp.mkdir(parents=True)
-        _write_shards(plan, tmp, shard_bytes, progress)
+        write_shards(plan, tmp, shard_bytes, progress)
         for extra in sorted(src.iterdir()):
             if extra.is_file() and extra.name not in NOT_COPIED and not extra.name.endswith(".safetensors"):
                 shutil.copy2(extra, tmp / extra.name)
@@ -180,7 +180,14 @@ def quantize(src: str | Path, dst: str | Path, scheme: str, shard_bytes: int = S
     return dst
 
 
-def _write_shards(plan: Plan, out: Path, shard_bytes: int, progress: bool) -> None:
+def _read_and_convert(item: Item) -> dict[str, torch.Tensor]:
+    with safe_open(str(item.file), framework="pt", device="cpu") as f:
+        return convert_item(item, f)
+
+
+def write_shards(plan: Plan, out: Path, shard_bytes: int, progress: bool, produce=_read_and_convert) -> None:
+    """Write the output tensors of every planned item (`produce(item)` -> {name: tensor}) into
+    safetensors shards of at most about `shard_bytes`, with their index."""
     from tqdm import tqdm
 
     groups = shards(plan.items, shard_bytes)
@@ -190,8 +197,7 @@ def _write_shards(plan: Plan, out: Path, shard_bytes: int, progress: bool) -> No
     for name, group in zip(names, groups):
         tensors = {}
         for item in group:
-            with safe_open(str(item.file), framework="pt", device="cpu") as f:
-                tensors.update(convert_item(item, f))
+            tensors.update(produce(item))
             bar.update(1)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))

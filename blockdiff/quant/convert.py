@@ -185,7 +185,8 @@ def _read_and_convert(item: Item) -> dict[str, torch.Tensor]:
         return convert_item(item, f)
 
 
-def write_shards(plan: Plan, out: Path, shard_bytes: int, progress: bool, produce=_read_and_convert) -> None:
+def write_shards(plan: Plan, out: Path, shard_bytes: int, progress: bool, produce=_read_and_convert,
+                 desc: str = "quantize") -> None:
     """Write the output tensors of every planned item (`produce(item)` -> {name: tensor}) into
     safetensors shards of at most about `shard_bytes`, with their index."""
     from tqdm import tqdm
@@ -193,7 +194,7 @@ def write_shards(plan: Plan, out: Path, shard_bytes: int, progress: bool, produc
     groups = shards(plan.items, shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map, total = {}, 0
-    bar = tqdm(total=len(plan.items), unit="tensor", desc="quantize", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(plan.items), unit="tensor", desc=desc, disable=not progress, file=sys.stderr)
     for name, group in zip(names, groups):
         tensors = {}
         for item in group:

@@ -31,7 +31,7 @@ Q_STD = {8: (255**2 / 12) ** 0.5, 4: (16**2 / 12) ** 0.5}     # std of uniform i
 
 
 def plan_random(config: ModelConfig, scheme: str) -> Plan:
-    """What `plan_conversion` decides for a bf16 checkpoint of these shapes, from the shapes alone."""
+    """What `plan_conversion` decides for a text-only bf16 checkpoint of these shapes, from the shapes alone."""
     chosen = get_scheme(scheme)
     with torch.device("meta"):
         model = DiffusionGemma(config)
@@ -39,6 +39,8 @@ def plan_random(config: ModelConfig, scheme: str) -> Plan:
                and not n.endswith("router.proj") and not n.startswith(OUR_VISION)}
     plan = Plan()
     for name, t in sorted(model.state_dict().items(), key=lambda kv: to_checkpoint(kv[0])):
+        if name.startswith(OUR_VISION):
+            continue
         item = Item(to_checkpoint(name), Path(), tuple(t.shape))
         decide(item, name, 2, chosen, linears, plan)
         item.out_bytes = item.out_bytes or max(1, t.numel()) * 2
@@ -95,7 +97,7 @@ def write_random_pack(config: ModelConfig, scheme: str, dst: str | Path, seed: i
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
         tmp.mkdir(parents=True)
-        write_shards(plan, tmp, shard_bytes, progress, RandomTensors(seed, std))
+        write_shards(plan, tmp, shard_bytes, progress, RandomTensors(seed, std), "random pack")
         config = ModelConfig.from_dict({**config.to_dict(), "dtype": "bfloat16"})
         config.save(tmp / "config.json")
         raw = json.loads((tmp / "config.json").read_text())

@@ -141,7 +141,7 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
                  core=sampler_core):
     """hidden (r, C, H) -> (argmax, sampled, accept, max_prob, soft, entropy) for a tile of rows.
     `core`: `sampler_core`, `eager_sampler_core(model)` or `compiled_sampler_core()`."""
-    w = model.embed_tokens.weight
+    w = model.embed_tokens.weight[:]           # the whole (V, H) matrix (dequantized if int8)
     proc, probs, argmax, max_prob, ent = core(torch.nn.functional.linear(hidden, w), row_temperature(knobs, step_idx),
                                                 model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \

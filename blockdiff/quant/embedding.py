@@ -51,7 +51,8 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("weight_packed", torch.empty(num_embeddings, (embedding_dim + 3) // 4, dtype=torch.int32))
         self.register_buffer("weight_scale", torch.empty(num_embeddings, 1))
         self.register_buffer("weight_shape", torch.empty(2, dtype=torch.int64))
-        self.q: torch.Tensor | None = None
+        self.q: torch.Tensor | None = None          # after packing, like the other quantized modules'
+        self.scale: torch.Tensor | None = None      # kernel weights: plain attributes, not state
 
     def pack_for_kernels(self) -> None:
         if self.q is not None:
@@ -60,11 +61,9 @@ class QuantEmbedding(nn.Module):
         if shape != [self.num_embeddings, self.embedding_dim]:
             raise ValueError(f"embed_tokens: weight_shape {shape} does not match the model's "
                              f"{[self.num_embeddings, self.embedding_dim]}")
-        q, scale = unpack_int8(self.weight_packed, self.embedding_dim), self.weight_scale
+        self.q, self.scale = unpack_int8(self.weight_packed, self.embedding_dim), self.weight_scale
         for name in ("weight_packed", "weight_scale", "weight_shape"):
             del self._buffers[name]
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
 
     @property
     def weight(self) -> Int8Rows:

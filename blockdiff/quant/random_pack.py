@@ -30,9 +30,9 @@ from .scheme import WeightArgs, get_scheme
 Q_STD = {8: (255**2 / 12) ** 0.5, 4: (16**2 / 12) ** 0.5}     # std of uniform int8 [-127, 127] / int4 [-8, 7]
 
 
-def plan_random(config: ModelConfig, scheme: str) -> Plan:
+def plan_random(config: ModelConfig, scheme: str, embedding: str = "bf16") -> Plan:
     """What `plan_conversion` decides for a text-only bf16 checkpoint of these shapes, from the shapes alone."""
-    chosen = get_scheme(scheme)
+    chosen = get_scheme(scheme).with_embedding(embedding)
     with torch.device("meta"):
         model = DiffusionGemma(config)
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
@@ -58,7 +58,7 @@ class RandomTensors:
     def __call__(self, item: Item) -> dict[str, torch.Tensor]:
         if item.kind == "copy":
             return {item.key: self.dense(item.shape)}
-        if item.kind == "linear":
+        if item.kind == "linear":                       # a linear, or the int8 embedding
             return self.linear(item.key.rpartition(".")[0], *item.shape, item.args)
         prefix, out = item.key.rpartition(".")[0], {}
         e, rows, k = item.shape
@@ -80,20 +80,21 @@ class RandomTensors:
         groups = k // (args.group_size or k)
         jitter = torch.empty(n, 1).uniform_(0.5, 1.5, generator=self.gen)
         scale = (jitter * (self.std / Q_STD[args.bits])).expand(n, groups).to(torch.bfloat16).contiguous()
-        if args.bits == 8:
+        if args.bits == 8 and args.dynamic_activations:
             q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=self.gen)
             return {f"{module}.weight": q, f"{module}.weight_scale": scale}
-        words = torch.randint(-2**31, 2**31, (n, (k + 7) // 8), dtype=torch.int32, generator=self.gen)
+        per_word = 32 // args.bits            # any int32 word holds valid int4 / int8 values
+        words = torch.randint(-2**31, 2**31, (n, -(-k // per_word)), dtype=torch.int32, generator=self.gen)
         return {f"{module}.weight_packed": words, f"{module}.weight_scale": scale,
                 f"{module}.weight_shape": torch.tensor([n, k], dtype=torch.int64)}
 
 
 def write_random_pack(config: ModelConfig, scheme: str, dst: str | Path, seed: int = 0, std: float = 0.02,
-                      shard_bytes: int = SHARD_BYTES, progress: bool = False) -> Path:
+                      shard_bytes: int = SHARD_BYTES, progress: bool = False, embedding: str = "bf16") -> Path:
     dst = Path(dst)
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose a new directory")
-    plan = plan_random(config, scheme)
+    plan = plan_random(config, scheme, embedding)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
         tmp.mkdir(parents=True)

@@ -28,6 +28,7 @@ import torch
 from .bench import PRESETS, prompts_for, sync
 from .bench_quant import weights_bytes
 from .config import ModelConfig
+from .quant.scheme import get_scheme
 
 GIB = 2**30
 
@@ -42,26 +43,26 @@ def peak_rss_gib(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss * 1024 / GIB       # Linux: KiB
 
 
-def build_pack(config: ModelConfig, scheme: str, dst: Path) -> float:
+def build_pack(config: ModelConfig, scheme: str, dst: Path, embedding: str) -> float:
     """Write the random quantized checkpoint in a child process; returns its wall seconds."""
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "blockdiff.quant.random_pack", json.dumps(config.to_dict()), scheme,
-                    str(dst)], check=True)
+                    str(dst), embedding], check=True)
     return time.perf_counter() - start
 
 
 def measure_released(scheme: str, preset: str, root: Path, dtype: torch.dtype | None, device: str, steps: int,
-                     prompt_len: int, canvases: int, max_model_len: int = 32768) -> dict:
+                     prompt_len: int, canvases: int, max_model_len: int = 32768, embedding: str = "bf16") -> dict:
     from .checkpoint import load_model
     from .engine.engine import LLM
-    from .engine.request import SamplingParams
 
     config = ModelConfig(**PRESETS[preset], max_position_embeddings=max(max_model_len, 8192))
     dtype = dtype or torch.bfloat16
     res = {"preset": preset, "quant": scheme, "device": device, "dtype": str(dtype).removeprefix("torch."),
            "threads": torch.get_num_threads(), "steps": steps, "canvases": canvases, "prompt_len": prompt_len,
-           "max_model_len": max_model_len, "peak_rss_includes_build": False}
-    res["build_s"] = build_pack(config, scheme, root / scheme)
+           "max_model_len": max_model_len, "embedding": embedding, "peak_rss_includes_build": False}
+    get_scheme(scheme).with_embedding(embedding)                  # bad names fail before the build
+    res["build_s"] = build_pack(config, scheme, root / scheme, embedding)
     res["build_peak_rss_gib"] = peak_rss_gib(resource.RUSAGE_CHILDREN)
     res["weights_gb"] = weights_bytes(root / scheme) / 1e9
     print(f"built {res['weights_gb']:.2f} GB in {res['build_s']:.0f} s", file=sys.stderr, flush=True)

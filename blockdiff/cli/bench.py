@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--quant", metavar="SCHEME", default=None,
                    help="instead: a quantized copy (w8a8, w4a16, w4a16-experts) against the same model in the "
                         "default dtype, batch 1 and 16, with stored weight sizes")
+    p.add_argument("--embedding", choices=["bf16", "int8"], default="bf16",
+                   help="the embedding (tied LM head) of the released-shapes run's pack (default bf16)")
     p.add_argument("--max-model-len", type=int, default=32768,
                    help="KV cache positions for the released-shapes run (--preset 26b-a4b --quant; default 32768)")
     add_device_flags(p, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,9 +64,9 @@ def measure_released(args, root: Path) -> int:
     from ..bench_released import measure_released as run_released
     from ..quant.scheme import get_scheme
 
-    get_scheme(args.quant)
+    get_scheme(args.quant).with_embedding(args.embedding)
     res = run_released(args.quant, args.preset, root, None if args.dtype is None else getattr(torch, args.dtype),
-                       args.device, args.steps, args.prompt_len, args.canvases, args.max_model_len)
+                       args.device, args.steps, args.prompt_len, args.canvases, args.max_model_len, args.embedding)
     for key in ("weights_gb", "load_s", "kv_cache_gib", "peak_rss_gib", "step_s", "tok_per_s"):
         print(f"{key:>14}: {res[key]:.3f}")
     print(json.dumps(res, sort_keys=True))

@@ -8,7 +8,8 @@ nibbles), per-row scales chosen so that a weight's standard deviation is about `
 init's), bf16 embedding / router ~ N(0, std), norms and scalars 1. Nothing is ever held in bf16 but
 the tensors that stay bf16, and only one output shard is in memory at a time: the 26B-A4B shapes
 are written in a few minutes with a few GB of memory. Written under a temporary name, renamed at the
-end. `python -m blockdiff.quant.random_pack CONFIG_JSON SCHEME DST` runs it in a process of its own.
+end. `python -m blockdiff.quant.random_pack CONFIG_JSON SCHEME DST [EMBEDDING]` runs it in a process
+of its own.
 """
 from __future__ import annotations
 
@@ -113,4 +114,5 @@ def write_random_pack(config: ModelConfig, scheme: str, dst: str | Path, seed: i
 
 if __name__ == "__main__":
     cfg_json, scheme_name, out_dir = sys.argv[1:4]
-    write_random_pack(ModelConfig.from_dict(json.loads(cfg_json)), scheme_name, out_dir, progress=True)
+    write_random_pack(ModelConfig.from_dict(json.loads(cfg_json)), scheme_name, out_dir, progress=True,
+                      embedding=(sys.argv[4:] or ["bf16"])[0])

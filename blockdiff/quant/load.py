@@ -88,6 +88,7 @@ class StreamingPacker:
     def __init__(self, model: nn.Module):
         self.waiting: dict[str, tuple[nn.Module, set[str]]] = {}
         self.owner: dict[str, str] = {}
+        self.missing: dict[str, int] = {}            # module -> tensors not read yet
         experts = ()
         for name, module in model.named_modules():
             if isinstance(module, QuantExperts):
@@ -97,6 +98,7 @@ class StreamingPacker:
             keys = {f"{name}.{k}" for k in module.state_dict()}
             self.waiting[name] = (module, keys)
             self.owner.update(dict.fromkeys(keys, name))
+            self.missing[name] = len(keys)
 
     def take(self, key: str, state: dict[str, torch.Tensor]) -> None:
         """`key` has just been read into `state`: if that completes its module, load and pack it and
@@ -104,9 +106,10 @@ class StreamingPacker:
         name = self.owner.pop(key, None)
         if name is None:
             return
-        module, keys = self.waiting[name]
-        if any(k in self.owner for k in keys):
+        self.missing[name] -= 1
+        if self.missing[name]:
             return
+        module, keys = self.waiting[name]
         del self.waiting[name]
         module.load_state_dict({k[len(name) + 1:]: state.pop(k) for k in keys}, strict=True, assign=True)
         module.pack_for_kernels()

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .hardware import check_fits
+from .hardware import check_fits, release_freed_memory
 from .hf_layout import (DTYPES, VISION, CheckpointError, check_index, save_checkpoint, to_checkpoint, to_ours,
                         weight_files)
 from .hub import METADATA_FILES, resolve_model
@@ -67,6 +67,8 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
     model_obj = _load_weights(skeleton, path, files, torch_dtype, device, shard, packer)
     if packer is not None:
         packer.finish()
+        if torch.device(device).type == "cpu":
+            release_freed_memory()        # the compressed tensors' heap holes, between kept weights
     return model_obj
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,6 +37,17 @@ TURN_OPEN, TURN_CLOSE = "<|turn>", "<turn|>"                              # Gemm
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", START_OF_TURN, END_OF_TURN)
 IMAGE_TOKEN = "<|image|>"
 IMAGE_PARTS = ("image", "image_url")
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")          # SentencePiece byte fallback
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: printable bytes stand for themselves, the rest from U+0100 on."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+BYTE_OF = _byte_of_char()
 
 
 def _token_name(value: Any) -> str | None:
@@ -157,6 +169,16 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, also when it holds only part of a UTF-8 character: a
+        byte-fallback piece `<0xNN>`, or a byte-level BPE piece (GPT-2's byte-to-character map)."""
+        piece = self._tok.id_to_token(token) or ""
+        if (m := BYTE_PIECE.fullmatch(piece)) is not None:
+            return bytes([int(m[1], 16)])
+        if isinstance(self._tok.decoder, tokenizers.decoders.ByteLevel) and all(ch in BYTE_OF for ch in piece):
+            return bytes(BYTE_OF[ch] for ch in piece)
+        return self.decode([token], skip_special=False).encode("utf-8")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, **template_kwargs) -> str:

@@ -105,6 +105,33 @@ def test_prefix_reuse_on_every_rank(path, tp2):
     assert all(s.token_ids == expected for s in siblings)
 
 
+def test_two_ranks_give_one_process_logprobs(path, tp2):
+    """Each rank streams its vocabulary slice; the merged entries equal one process's (ids, ranks
+    exactly; values to the split sums' rounding)."""
+    sp = SamplingParams(max_tokens=20, seed=3, max_denoising_steps=3, ignore_eos=True, logprobs=4)
+    one = LLM(path, max_num_seqs=4).generate([[5, 6, 7]], sp)[0]
+    two = tp2.generate([[5, 6, 7]], sp)[0]
+    assert two.token_ids == one.token_ids and len(two.logprobs) == 20
+    for a, b in zip(one.logprobs, two.logprobs):
+        assert list(a) == list(b) and [x.rank for x in a.values()] == [x.rank for x in b.values()]
+        assert max(abs(a[t].logprob - b[t].logprob) for t in a) < 1e-5
+
+
+def test_one_all_reduce_per_block(tp2):
+    """A denoising step's collectives: two per layer (attention; the dense MLP's and the experts'
+    partial sums together), one for the embedding, one for self-conditioning, four for the sampler."""
+    def collectives(steps: int) -> int:
+        sp = SamplingParams(max_tokens=CONFIG.canvas_length, seed=1, max_denoising_steps=steps, fixed_steps=True,
+                            ignore_eos=True)
+        tp2.runner.set_timing(True)
+        tp2.generate([list(range(5, 12))], sp)
+        count = tp2.runner.stats()[0]["collectives"]
+        tp2.runner.set_timing(False)
+        return count
+
+    assert collectives(3) - collectives(2) == 2 * CONFIG.num_hidden_layers + 6
+
+
 def test_the_driver_holds_no_weights(tp2):
     assert tp2.model.embed_tokens.weight.device.type == "meta"
     assert tp2.limits[0] == CONFIG.vocab_size

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 MAX_DENOISING_STEPS = 512          # per canvas: bounds the work one request can ask for
 MAX_STABILITY = 4                  # argmax canvases the engine remembers per request
+MAX_LOGPROBS = 20                  # top alternatives per committed token (OpenAI's chat limit)
 FLOAT32_MAX = 3.4028234663852886e38  # float knobs land in float32 tensors
 INT64_MAX = 2**63 - 1              # integer knobs land in int64 tensors
 

@@ -3,10 +3,12 @@
 Contract: `load_rank_model(path, layout, rank, dtype, device)` reads only this rank's slices
 (`Layout.shard`); `parallelize(model, layout, comm)` wires the collectives in place, from outside the
 model's code: a forward hook all-reduces the output of each row-parallel part (attention's o_proj,
-the dense MLP, the experts, the self-conditioning MLP's down projection), and the embedding lookup
-becomes vocabulary-parallel. It returns the `VocabShard` whose `tile_step` the runner's sampler
-uses. Per layer that is three all-reduces of (tokens, H): attention, dense MLP, experts (the dense
-MLP and the experts are reduced apart because each has its own norm right after it).
+the self-conditioning MLP's down projection), the layer's `reduce_partials` completes the dense MLP's
+and the experts' partial sums in one collective, and the embedding lookup becomes
+vocabulary-parallel. It returns the `VocabShard` whose `tile_step` the runner's sampler uses. Per
+layer that is two all-reduces, one per block: attention's (tokens, H), then the feed-forward's
+(2, tokens, H) (the dense MLP and the experts each have their own norm right after them, so their
+sums travel side by side rather than added).
 """
 from __future__ import annotations
 
@@ -28,9 +30,14 @@ def parallelize(model: DiffusionGemma, layout: Layout, comm: Comm) -> VocabShard
     def reduce(module, args, out):         # the module's partial sum -> the full output, on every rank
         return comm.all_reduce(out)
 
+    @torch.compiler.disable
+    def reduce_pair(dense, moe):           # (B, S, H) partial sums each -> whole, in one all-reduce
+        both = comm.all_reduce(torch.stack((dense, moe)))
+        return both[0], both[1]
+
     for layer in model.layers:
-        for module in (layer.self_attn.o_proj, layer.mlp, layer.experts):
-            module.register_forward_hook(reduce)
+        layer.self_attn.o_proj.register_forward_hook(reduce)
+        layer.reduce_partials = reduce_pair
     model.self_conditioning.down_proj.register_forward_hook(reduce)
     lo, hi = layout.vocab_range(comm.rank)
     vocab = VocabShard(model, comm, lo, hi, layout.vocab_sizes())

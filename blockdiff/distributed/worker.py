@@ -76,7 +76,8 @@ def start(rank: int, world: int, store: str, device: torch.device, opts: WorkerO
     vocab = parallelize(model, layout, comm)
     if opts.compile:
         compile_model(model)
-    runner = ModelRunner(model, opts.num_slots, opts.max_len, opts.sampler_memory_mb, tile_step=vocab.tile_step)
+    runner = ModelRunner(model, opts.num_slots, opts.max_len, opts.sampler_memory_mb, tile_step=vocab.tile_step,
+                         shard=vocab)
     return runner, comm
 
 

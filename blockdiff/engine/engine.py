@@ -92,7 +92,7 @@ class LLM:
                                    None if ring is None else ring - (cfg.sliding_window - 1))
         eos_ids = set(cfg.eos_ids) | set(self.generation.eos_token_ids) | set(
             self.tokenizer.eos_ids if self.tokenizer else ())
-        self.output = OutputProcessor(self._decode, eos_ids)
+        self.output = OutputProcessor(self._decode, eos_ids, self._decode_token)
         self.inputs = InputProcessor.for_model(self.tokenizer, cfg, source, max_images_per_prompt,
                                                allowed_local_media_path)
         self.requests: dict[str, Request] = {}
@@ -145,6 +145,9 @@ class LLM:
     # ---- requests ---------------------------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer else ""
+
+    def _decode_token(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special=False) if self.tokenizer else ""
 
     def add_request(self, prompt: str | list[int] | dict | PromptInputs, params: SamplingParams | None = None,
                     request_id: str | None = None, frames: bool = False) -> str:
@@ -217,7 +220,7 @@ class LLM:
         failed = [r for r in batch.running if r.request_id in result.failed]
         outputs = []
         for req, tokens in self.scheduler.update_from_output(batch, result):
-            outputs.append(self.output.on_canvas(req, tokens))
+            outputs.append(self.output.on_canvas(req, tokens, result.logprobs.get(req.request_id)))
             if req.finish_reason is None:
                 self.scheduler.queue_commit(req, tokens)
             else:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from ..diffusion.params import BUILT_IN, DiffusionParams, check_bool, check_int, check_number
+from ..diffusion.params import BUILT_IN, MAX_LOGPROBS, DiffusionParams, check_bool, check_int, check_number
 
 BUILT_IN_MAX_TOKENS = 256     # transformers' default max_new_tokens (also the released checkpoint's)
+OFF_WHEN_NONE = ("logprobs",)  # fields whose None means "off", not "left to the defaults"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class SamplingParams(DiffusionParams):
     stop: tuple[str, ...] = ()
     seed: int | None = None           # None: drawn by the engine
     ignore_eos: bool = False
+    logprobs: int | None = None       # None: off; N: each token's logprob and its top-N alternatives
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,6 +49,12 @@ class SamplingParams(DiffusionParams):
         if self.seed is not None:
             check_int(self.seed, "seed", 0)
         check_bool(self.ignore_eos, "ignore_eos")
+        if self.logprobs is not None:
+            check_int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+
+    @property
+    def unset(self) -> list[str]:
+        return [name for name in super().unset if name not in OFF_WHEN_NONE]
 
     @classmethod
     def built_in(cls) -> SamplingParams:
@@ -64,6 +72,25 @@ class CanvasFrame:
     tokens: list[int]           # current argmax per position
     accepted: list[bool]        # accepted by the entropy bound at this step
     max_prob: list[float]       # max probability per position
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability under its position's final denoising step (see
+    `diffusion/logprobs.py`), its rank there (1 = the most probable) and its text alone."""
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+@dataclass
+class CanvasLogprobs:
+    """The runner's logprobs of one committed canvas, per position (C,): the committed token's
+    logprob and rank, and the top-N ids and logprobs, most probable first."""
+    logprob: list[float]
+    rank: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
 
 
 class Status(Enum):
@@ -97,6 +124,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)      # cut at EOS / max_tokens / stop string
     text: str = ""
     sent: int = 0                                             # characters of `text` already streamed
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)   # per output id, if asked
+    token_ends: list[int] = field(default_factory=list)       # per output id: where its text ends in `text`
+    logprobs_sent: int = 0                                    # entries of `logprobs` already streamed
     finish_reason: str | None = None
     error: str | None = None                                  # why the engine failed this request
     arrival: float = field(default_factory=time.perf_counter)
@@ -140,3 +170,9 @@ class RequestOutput:
     delta_text: str = ""                  # new text since the previous output of this request (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
     error: str | None = None              # with finish_reason "error": what failed
+    # with SamplingParams.logprobs, one entry per token of `text` (vLLM's layout: the token's own id
+    # first, then its top-N alternatives; all of token_ids once finished), where each token's text
+    # starts in `text`, and the entries new since the previous output (streaming); else None
+    logprobs: list[dict[int, Logprob]] | None = None
+    text_offsets: list[int] | None = None
+    delta_logprobs: list[dict[int, Logprob]] | None = None

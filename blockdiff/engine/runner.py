@@ -5,7 +5,9 @@ embedding, argmax history, step and canvas counters, knobs), all preallocated an
 index. `execute(batch)` runs one `ScheduledBatch` and returns a `StepResult`:
 - `prefill(slot, ids, start)`: encode a prompt's uncached tokens into a slot;
 - `commit(slots, lengths, tokens)`: encode finished canvases into their slots and start new ones;
-- `denoise(slots, lengths)`: one batched denoising step for many slots (one host sync a step).
+- `denoise(slots, lengths)`: one batched denoising step for many slots (one host sync a step);
+  a finished canvas whose request asked for logprobs gets them from that step's hidden states
+  (`diffusion/logprobs.py`), computed for those rows only.
 Images run through the vision tower at admission, once for all the step's prefills (every image
 has the processor's padded patch count), and fill their requests' image tokens in the prefill.
 Fault isolation: if a batched call raises, its rows are run one by one, and only the rows that
@@ -20,12 +22,14 @@ from typing import Callable
 
 import torch
 
-from ..diffusion.sampler import (RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core)
+from ..diffusion.logprobs import committed_logprobs
+from ..diffusion.sampler import (RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core,
+                                 row_temperature)
 from ..diffusion.noise import INIT, hash_tokens
 from ..diffusion.params import MAX_STABILITY
 from ..image_prompt import image_spans
 from ..model.slot_cache import SlotCache, SlotDecodeContext, SlotEncodeContext
-from .request import Request, SamplingParams
+from .request import CanvasLogprobs, Request, SamplingParams
 from .scheduler import ScheduledBatch, StepResult
 
 log = logging.getLogger("blockdiff.engine")
@@ -52,8 +56,9 @@ def _fail(request: Request, result: StepResult) -> None:
 
 class ModelRunner:
     def __init__(self, model, num_slots: int, max_len: int, sampler_budget_mb: float = 256,
-                 compile_sampler: bool = False, tile_step=None):
-        """`tile_step`: the sampler's step over a tile of rows (see `denoise_rows`; None: the sampler's own)."""
+                 compile_sampler: bool = False, tile_step=None, shard=None):
+        """`tile_step`: the sampler's step over a tile of rows (see `denoise_rows`; None: the sampler's own);
+        `shard`: tensor parallelism's vocabulary slice (`distributed.vocab.VocabShard`) for logprobs."""
         cfg, dev = model.config, model.device
         self.model, self.c, self.device = model, cfg.canvas_length, dev
         self.cache = SlotCache(cfg, num_slots, max_len, model.dtype, dev)
@@ -65,7 +70,7 @@ class ModelRunner:
         self.canvas_idx = torch.zeros(num_slots, dtype=torch.long, device=dev)
         self.knobs = {k: torch.zeros(num_slots, dtype=d, device=dev) for k, d in KNOB_DTYPES.items()}
         self.sampler_core = compiled_sampler_core() if compile_sampler else eager_sampler_core(model)
-        self.tile_step = tile_step
+        self.tile_step, self.shard = tile_step, shard
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:
@@ -172,22 +177,42 @@ class ModelRunner:
     def _denoise_into(self, requests: list[Request], result: StepResult) -> None:
         use_k = any(r.params.top_k > 0 for r in requests)
         use_p = any(r.params.top_p < 1 for r in requests)
-        out, done = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p)
+        out, done, hidden = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p)
         rows = [i for i, d in enumerate(done) if d]
         if rows:
             for i, tokens in zip(rows, out.argmax[rows].tolist()):
                 result.finished[requests[i].request_id] = tokens
+            self._logprobs_into([i for i in rows if requests[i].params.logprobs is not None], requests, hidden, result)
         framed = [i for i, r in enumerate(requests) if r.frames]
         if framed:
             data = zip(out.argmax[framed].tolist(), out.accept[framed].tolist(), out.max_prob[framed].float().tolist())
             for i, d in zip(framed, data):
                 result.frames[requests[i].request_id] = d
 
+    def _logprobs_into(self, rows: list[int], requests: list[Request], hidden: torch.Tensor,
+                       result: StepResult) -> None:
+        """Logprobs of the committed canvases of `rows` (those that asked) under the step just run:
+        its hidden states (R, C, H) and its temperatures (the step counters have moved on by one)."""
+        if not rows:
+            return
+        idx = torch.tensor([requests[i].slot for i in rows], device=self.device)
+        temp = row_temperature(self.row_knobs(idx), self.step_idx[idx] - 1)
+        ids = torch.tensor([result.finished[requests[i].request_id] for i in rows], device=self.device)
+        n = max(requests[i].params.logprobs for i in rows)
+        lp = committed_logprobs(self.model, hidden[rows], temp, ids, n, self.budget, shard=self.shard)
+        data = zip(lp.logprob.view(-1, self.c).tolist(), lp.rank.view(-1, self.c).tolist(),
+                   lp.top_ids.view(-1, self.c, n).tolist(), lp.top_logprobs.view(-1, self.c, n).tolist())
+        for i, (logprob, rank, top_ids, top_logprobs) in zip(rows, data):
+            k = requests[i].params.logprobs
+            result.logprobs[requests[i].request_id] = CanvasLogprobs(
+                logprob, rank, [t[:k] for t in top_ids], [t[:k] for t in top_logprobs])
+
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False) -> tuple[StepOut, list[bool]]:
-        """One denoising step for `slots` whose contexts have `lengths`; returns the step's outputs
-        and 'canvas done' per row."""
+    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False
+                ) -> tuple[StepOut, list[bool], torch.Tensor]:
+        """One denoising step for `slots` whose contexts have `lengths`; returns the step's outputs,
+        'canvas done' per row and the decoder's hidden states (R, C, H) (for constrained commits)."""
         idx = torch.tensor(slots, device=self.device)
         lens = torch.tensor(lengths, device=self.device)
         positions = lens[:, None] + torch.arange(self.c, device=self.device)
@@ -200,7 +225,7 @@ class ModelRunner:
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
         self.step_idx[idx] += 1
         done = out.stop | (self.step_idx[idx] >= knobs.max_denoising_steps)
-        return out, done.tolist()
+        return out, done.tolist(), hidden
 
     @torch.no_grad()
     def commit(self, slots: list[int], lengths: list[int], tokens: list[list[int]]) -> None:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .request import Request, Status
+from .request import CanvasLogprobs, Request, Status
 from .slot_allocator import Allocation, SlotAllocator
 
 
@@ -45,6 +45,7 @@ class StepResult:
     finished: dict[str, list[int]] = field(default_factory=dict)   # canvas done: its argmax tokens (C,)
     frames: dict[str, tuple[list[int], list[bool], list[float]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)           # request id -> error message
+    logprobs: dict[str, CanvasLogprobs] = field(default_factory=dict)   # finished canvases that asked
 
 
 class Scheduler:

@@ -45,6 +45,9 @@ class Layer(nn.Module):
             setattr(self, name, RMSNorm(h, eps))
         self.register_buffer("layer_scalar", torch.ones(1))          # decoder copy
         self.register_buffer("encoder_layer_scalar", torch.ones(1))  # encoder copy (equal in practice)
+        # Where the dense MLP and the experts return partial sums (a model split over devices), a
+        # callable (dense, moe) -> (dense, moe) that completes both; None: they are already whole.
+        self.reduce_partials = None
 
     def forward(self, h: torch.Tensor, cos, sin, ctx: AttnContext, scalar: torch.Tensor) -> torch.Tensor:
         """h (B, S, H) -> (B, S, H). `scalar` multiplies the whole residual stream at the end."""
@@ -53,11 +56,13 @@ class Layer(nn.Module):
     def feed_forward(self, h: torch.Tensor, attn_out: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
         """The rest of the layer after attention; free of the context (the engine compiles it)."""
         h = h + self.post_attention_layernorm(attn_out)
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        dense = self.mlp(self.pre_feedforward_layernorm(h))
         flat = h.reshape(-1, h.shape[-1])
         weights, idx = self.router(flat)            # the router sees the un-normalised residual
         moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, idx).reshape(h.shape)
-        moe = self.post_feedforward_layernorm_2(moe)
+        if self.reduce_partials is not None:
+            dense, moe = self.reduce_partials(dense, moe)
+        dense, moe = self.post_feedforward_layernorm_1(dense), self.post_feedforward_layernorm_2(moe)
         return (h + self.post_feedforward_layernorm(dense + moe)) * scalar
 
 

@@ -4,6 +4,7 @@ Plain dict builders, no I/O. Namespaced extras, which the openai clients keep as
 - `blockdiff_timings` (beside `usage`): canvases, denoising_steps, time_to_first_token_s,
   latency_s, tokens_per_second (end to end) and in_step_tokens_per_second (completion tokens over
   the time spent in the engine steps this request took part in; for n > 1 the longest choice's).
+- `logprobs` of a choice (requests that ask): see `logprob_format.py`; a stream chunk's entries cover its text.
 - `blockdiff_frame` on a denoising-frame chunk: {index, canvas, step, max_steps, token_ids,
   tokens, accepted, max_prob}. Its one choice has an empty delta (chat) or empty text
   (completions) and no finish_reason, so a client that does not know frames sees a no-op chunk.
@@ -15,9 +16,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..engine.request import CanvasFrame
+from ..engine.request import CanvasFrame, RequestOutput
 from ..tokenizer import Tokenizer
 from .async_engine import Update
+from .logprob_format import chat_logprobs, completion_logprobs
 from .plan import Plan
 
 
@@ -58,6 +60,7 @@ class Formatter:
         self.plan, self.tokenizer, self.chat = plan, tokenizer, plan.kind == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.top_n = {c.index: c.params.logprobs for c in plan.choices}
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.plan.model}
@@ -66,11 +69,21 @@ class Formatter:
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": choices,
                 **extra}
 
-    def delta(self, index: int, text: str, finish_reason: str | None = None, role: bool = False) -> dict:
+    def delta(self, index: int, text: str, finish_reason: str | None = None, role: bool = False,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             d = ({"role": "assistant", "content": text} if role else {"content": text} if text else {})
-            return {"index": index, "delta": d, "finish_reason": finish_reason, "logprobs": None}
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+            return {"index": index, "delta": d, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+    def logprobs(self, index: int, out: RequestOutput, delta: bool = False) -> dict | None:
+        """The choice's logprobs object (of its delta's tokens when streaming); None if not asked."""
+        entries = out.delta_logprobs if delta else out.logprobs
+        if entries is None:
+            return None
+        if self.chat:
+            return chat_logprobs(entries, self.top_n[index], self.tokenizer)
+        return completion_logprobs(entries, out.text_offsets[len(out.logprobs) - len(entries):])
 
     def frame(self, frame: CanvasFrame, index: int) -> dict:
         payload = {"index": index, "canvas": frame.canvas, "step": frame.step, "max_steps": frame.max_steps,
@@ -87,10 +100,10 @@ class Formatter:
             out = finals[index].output
             if self.chat:
                 choices.append({"index": index, "message": {"role": "assistant", "content": out.text},
-                                "finish_reason": out.finish_reason, "logprobs": None})
+                                "finish_reason": out.finish_reason, "logprobs": self.logprobs(index, out)})
             else:
                 choices.append({"index": index, "text": out.text, "finish_reason": out.finish_reason,
-                                "logprobs": None})
+                                "logprobs": self.logprobs(index, out)})
         return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
                 "usage": totals.usage(self.plan.prompt_tokens), "blockdiff_timings": totals.timings()}
 

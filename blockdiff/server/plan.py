@@ -134,8 +134,16 @@ def _sampling_params(req, max_tokens: int, index: int, defaults: SamplingParams 
     knobs = {k: getattr(req, k) for k in KNOBS if getattr(req, k) is not None}
     seed = None if req.seed is None else req.seed + index
     try:
-        params = SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, **knobs)
+        params = SamplingParams(max_tokens=max_tokens, stop=req.stop_list(), seed=seed, logprobs=_logprobs(req),
+                                **knobs)
         return params.with_defaults(defaults or SamplingParams.built_in())
     except ValueError as e:          # cross-field rules, e.g. t_max > t_min: the message names the field
         field = str(e).split()[0]
         raise ApiError(400, str(e), param=field if field in KNOBS else None, code="invalid_value") from None
+
+
+def _logprobs(req) -> int | None:
+    """Top alternatives per token, or None: completions `logprobs: N`, chat `logprobs` + `top_logprobs`."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs

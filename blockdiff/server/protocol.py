@@ -6,9 +6,11 @@ pydantic model or raises `ApiError` (status 400) whose message names the offendi
   invalid Unicode (a lone UTF-16 surrogate such as "\\ud800" anywhere, keys included, is a 400
   naming the field).
 - Fields OpenAI defines but this server cannot honour (`UNSUPPORTED`, e.g. logit_bias, penalties,
-  response_format, tools, logprobs) are accepted only with their neutral value (null, 0, false,
+  response_format, tools, echo) are accepted only with their neutral value (null, 0, false,
   {}, ...); any other value is a 400 naming the field. Unknown fields are a 400 too: nothing is
-  silently ignored.
+  silently ignored. A request kind that defines one of these fields itself validates it instead.
+- Logprobs: completions `logprobs: N` (0..20); chat `logprobs: true` with `top_logprobs: N`
+  (0..20; N > 0 without `logprobs: true` is a 400, as OpenAI).
 - The diffusion knobs are extra top-level fields with the names of `SamplingParams`
   (max_denoising_steps, fixed_steps, entropy_bound, t_min, t_max, confidence_threshold,
   stability_threshold, top_k, ignore_eos). The openai client sends them with `extra_body={...}`.
@@ -25,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..diffusion.params import FLOAT32_MAX, INT64_MAX, MAX_DENOISING_STEPS, MAX_STABILITY
+from ..diffusion.params import FLOAT32_MAX, INT64_MAX, MAX_DENOISING_STEPS, MAX_LOGPROBS, MAX_STABILITY
 
 MAX_N = 16                  # choices per request
 MAX_STOP = 4                # stop strings, as OpenAI
@@ -101,6 +103,7 @@ KNOBS = ("temperature", "top_p", "top_k", "ignore_eos", "max_denoising_steps", "
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)     # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 PART_TYPES = ("text", "image_url")
@@ -137,6 +140,8 @@ class ChatCompletionRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = None
     max_tokens: int | None = Field(None, ge=1)   # None: as many as the context allows
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 def _reject_constant(name: str) -> Any:
@@ -160,7 +165,7 @@ def parse_request(raw: bytes, model: type[_Common]) -> _Common:
     if isinstance(body.get("messages"), list):
         _check_part_types(body["messages"])
     for name, neutral in UNSUPPORTED.items():
-        if name in body:
+        if name in body and name not in model.model_fields:
             value = body.pop(name)
             if value is not None and not any(_neutral(value, n) for n in neutral):
                 raise ApiError(400, f"'{name}' is not supported by this server (send null or omit it)",
@@ -226,5 +231,7 @@ def _check_common(req: _Common) -> None:
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
     if req.blockdiff_frames is not None and not req.stream:
         raise ApiError(400, "'blockdiff_frames' needs 'stream': true", param="blockdiff_frames")
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
     if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) and not req.prompt:
         raise ApiError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")

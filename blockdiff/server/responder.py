@@ -5,7 +5,8 @@ Contract:
   request timeout and 499-style `Disconnected` when the client goes away (the caller closes the
   group either way, which aborts the unfinished choices).
 - `stream_events` yields SSE `data:` lines: for chat a first role chunk per choice, then text as
-  each canvas commits (the engine never splits a UTF-8 character nor leaks a stop string), a chunk
+  each canvas commits (the engine never splits a UTF-8 character nor leaks a stop string) with the
+  logprobs of the tokens that text covers (if asked), a chunk
   with each choice's finish_reason, the usage chunk only with stream_options.include_usage, and
   always `data: [DONE]`. A failure or timeout mid-stream sends an OpenAI error object (the openai
   client raises it) and then [DONE]. Frames (only if asked) go out at most `max_fps` per choice,
@@ -68,8 +69,9 @@ async def stream_events(group: RequestGroup, fmt: Formatter, plan: Plan, request
         for u in group.take_updates():
             totals.add(u)
             committed[u.index] = u.output.stats.canvases
-            if u.output.delta_text or u.output.finished:
-                yield sse(fmt.chunk([fmt.delta(u.index, u.output.delta_text, u.output.finish_reason)]))
+            if u.output.delta_text or u.output.finished or u.output.delta_logprobs:
+                yield sse(fmt.chunk([fmt.delta(u.index, u.output.delta_text, u.output.finish_reason,
+                                               logprobs=fmt.logprobs(u.index, u.output, delta=True))]))
         if group.error is not None:
             yield sse(ApiError(500, group.error, type="server_error", code="engine_error").body())
             break

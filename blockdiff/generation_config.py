@@ -5,6 +5,8 @@ no such file; a malformed file raises `ConfigError` naming the file and the fiel
 fields of transformers' `DiffusionGemmaGenerationConfig`):
 - `max_denoising_steps`, `t_min`, `t_max`, `stability_threshold`, `confidence_threshold` -> the
   knobs of the same name; `sampler_config` (an `EntropyBoundSamplerConfig`) -> `entropy_bound`;
+- `temperature`, `top_k`, `top_p` (the usual transformers fields) -> the knobs of the same name:
+  temperature multiplies the t_min..t_max schedule (0 = greedy);
 - `max_new_tokens` -> the `max_tokens` of a request that sets none. It is a default, never a cap:
   a request that asks for more gets more (up to the context length). `max_length` (prompt plus new
   tokens) is not used: the engine's `max_model_len` bounds the total;
@@ -19,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, read_json_object
-from .diffusion.params import DiffusionParams, check_int
+from .diffusion.params import check_int
+from .engine.request import SamplingParams
 
 FILE = "generation_config.json"
-KNOBS = ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold")
+KNOBS = ("max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold", "temperature",
+         "top_k", "top_p")
 IGNORED = ("return_dict_in_generate", "cache_implementation", "cache_config", "disable_compile", "max_length",
            "transformers_version", "_from_model_config", "_commit_hash")
 SAMPLER = "EntropyBoundSamplerConfig"
@@ -30,7 +34,7 @@ SAMPLER = "EntropyBoundSamplerConfig"
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    params: DiffusionParams = field(default_factory=DiffusionParams)   # knobs the file sets; the rest unset
+    params: SamplingParams = field(default_factory=SamplingParams)   # knobs the file sets; the rest unset
     max_new_tokens: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -72,4 +76,4 @@ def _parse(data: dict) -> GenerationDefaults:
         raise ValueError(f"eos_token_id must be an id or a list of ids, got {eos!r}")
     for i in eos:
         check_int(i, "eos_token_id", 0)
-    return GenerationDefaults(DiffusionParams(**knobs), eos_token_ids=tuple(eos), **ids)
+    return GenerationDefaults(SamplingParams(**knobs), eos_token_ids=tuple(eos), **ids)

@@ -6,9 +6,10 @@ from collections import Counter
 
 import numpy as np
 
+from blockdiff.engine.request import SamplingParams
 from blockdiff.random_model import create_random_model
 from blockdiff.tokenizer import Tokenizer
-from blockdiff.train.evaluate import evaluate
+from blockdiff.train.evaluate import distinct_ngram_ratio, evaluate, short_answers
 
 TEXT = ["It is a truth universally acknowledged that a single man must be in want of a wife. " * 3,
         "In the beginning God created the heaven and the earth, and the earth was without form. " * 3,
@@ -38,11 +39,23 @@ def test_evaluate_reports_losses_judge_and_speed(tmp_path):
     ids.tofile(corpus / "train.bin")
     (corpus / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 261, "bos_id": 2, "eos_id": 1}))
     judge = UnigramJudge(TEXT)
-    res = evaluate(model, corpus, judge, ar_model_dir=ar_model, samples=3, max_tokens=16, val_batches=2, steps=2,
-                   fast_steps=1)
+    res = evaluate(model, corpus, judge, ar_model_dir=ar_model, samples=3, max_tokens=16, val_batches=2,
+                   params=SamplingParams(max_denoising_steps=2), fast_steps=1)
     assert res["samples"] == 3
     # random weights write noise: the judge must find real text far more likely than the samples
     assert res["judge_ppl_real"] < res["judge_ppl_diffusion"] and res["judge_ppl_real"] < res["judge_ppl_ar"]
     assert 4.0 < res["val_decoder_loss"] < 7.0 and 4.0 < res["ar_val_encoder_loss"] < 7.0    # ~ln(261) = 5.56
     assert res["diffusion_tok_s"] > 0 and res["ar_tok_s"] > 0
     assert res["fast_steps"] == 1 and res["diffusion_tok_s_fast"] > 0 and res["judge_ppl_diffusion_fast"] > 0
+    assert res["steps"] == 2 and res["sampler"]["max_denoising_steps"] == 2
+    # every row reports its variety
+    for row in ("real", "diffusion", "diffusion_fast", "ar"):
+        assert 0.0 <= res[f"distinct3_{row}"] <= 1.0 and res[f"short_{row}"] in range(4), row
+
+
+def test_distinct_ngrams_count_repetition():
+    assert distinct_ngram_ratio(["the cat sat on the mat"]) == 1.0
+    assert distinct_ngram_ratio(["a b c a b c a b c"]) == 3 / 7
+    assert distinct_ngram_ratio(["a b c", "a b c"]) == 0.5          # across texts too
+    assert distinct_ngram_ratio(["a b", ""]) == 0.0                  # no 3-gram at all
+    assert short_answers(["", ".", "one", "two words", "."]) == 4

@@ -75,7 +75,8 @@ def test_generation_config_is_read_as_released(release_dir):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"top_k": 5}, "unsupported field.*top_k"),
+    ({"num_beams": 4}, "unsupported field.*num_beams"),
+    ({"top_p": 1.5}, "top_p"),
     ({"sampler_config": {"_cls_name": "OtherSampler"}}, "sampler_config"),
     ({"t_min": 0.95}, "t_max"),
     ({"eos_token_id": "x"}, "eos_token_id"),

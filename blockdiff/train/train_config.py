@@ -44,6 +44,8 @@ class TrainConfig:
     compile: bool = False                # torch.compile the vocab-side ops (head, softcap, CE): ~1.3x
     fsdp: bool = False                   # FSDP2 instead of DDP under torchrun
     threads: int | None = None           # torch CPU threads per process (None: torch's default)
+    init_from: str | None = None         # a checkpoint directory whose weights start a new run (e.g. the AR
+                                         # baseline's, for AR-initialised diffusion); a resumed run ignores it
 
     def __post_init__(self):
         _check_types(self)

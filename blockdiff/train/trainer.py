@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..checkpoint import load_model
 from ..config import ConfigError
 from ..hardware import auto_dtype, reuse_freed_memory
 from ..model.init import init_weights
@@ -124,7 +125,18 @@ class Run:
 
     def _new_model(self) -> DiffusionGemma:
         model = DiffusionGemma(self.cfg.model_config())
-        init_weights(model, self.cfg.init_std, seed=self.cfg.seed)
+        if self.cfg.init_from is None:
+            init_weights(model, self.cfg.init_std, seed=self.cfg.seed)
+            return model
+        # AR-initialised diffusion (as DiffusionGemma, Dream and DiffuLLaMA start from AR weights): every
+        # weight comes from the checkpoint; the canvas length is not a weight, so it may differ.
+        source = load_model(self.cfg.init_from, dtype=torch.float32)
+        theirs, ours = source.config.to_dict(), model.config.to_dict()
+        if {k: v for k, v in theirs.items() if k != "canvas_length"} != \
+                {k: v for k, v in ours.items() if k != "canvas_length"}:
+            raise ConfigError(f"init_from {self.cfg.init_from}: its model differs from the config's 'model' "
+                              "(only canvas_length may differ)")
+        model.load_state_dict(source.state_dict(), strict=True)
         return model
 
     # ---- one optimizer step -------------------------------------------------------------------

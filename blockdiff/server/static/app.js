@@ -6,6 +6,10 @@
 const $ = (id) => document.getElementById(id);
 const conversation = [];       // the conversation sent with each request: [{role, content}]
 let modelName = null;
+// Knob fields filled with the server's defaults until the user edits them; an empty field is left out
+// of the request, so the server's default applies.
+const DEFAULTED = [["steps", "max_denoising_steps"], ["entropy", "entropy_bound"], ["temperature", "temperature"]];
+const edited = new Set();
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -21,6 +25,11 @@ async function loadModel() {
     if (!r.ok) throw new Error(body.error ? body.error.message : r.statusText);
     modelName = body.data[0].id;
     $("model").textContent = "model: " + modelName;
+    // The knobs a request that leaves them out gets (the checkpoint's generation_config.json, else built-in).
+    const d = body.data[0].blockdiff_sampling_defaults || {};
+    for (const [id, knob] of DEFAULTED) {
+      if (d[knob] != null && !edited.has(id)) $(id).value = d[knob];
+    }
   } catch (e) {
     $("model").textContent = "model list unavailable: " + e.message;
   }
@@ -72,10 +81,11 @@ function renderFrame(f) {
 
 function requestBody() {
   const num = (id) => Number($(id).value);
+  const knob = (id) => ($(id).value.trim() === "" ? undefined : num(id));    // undefined: left out of the JSON
   return {
     model: modelName, messages: conversation, stream: true, stream_options: { include_usage: true },
-    max_tokens: num("max-tokens"), temperature: num("temperature"),
-    max_denoising_steps: num("steps"), entropy_bound: num("entropy"), fixed_steps: $("fixed-steps").checked,
+    max_tokens: num("max-tokens"), temperature: knob("temperature"),
+    max_denoising_steps: knob("steps"), entropy_bound: knob("entropy"), fixed_steps: $("fixed-steps").checked,
     blockdiff_frames: { max_fps: num("fps") },
   };
 }
@@ -183,4 +193,5 @@ $("prompt").addEventListener("keydown", (ev) => {
 });
 $("image").addEventListener("change", () => $("attach").classList.toggle("has-image", $("image").files.length > 0));
 $("api-key").addEventListener("change", loadModel);
+for (const [id] of DEFAULTED) $(id).addEventListener("input", () => edited.add(id));
 loadModel();

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,20 +174,28 @@ def quantize(src: str | Path, dst: str | Path, scheme: str, shard_bytes: int = S
         raise FileExistsError(f"{dst} already exists; choose a new directory")
     config = ModelConfig.from_dict(raw)
     plan = plan_conversion(config, weight_files(src), chosen)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True)
+    with written_atomically(dst) as tmp:
         write_shards(plan, tmp, shard_bytes, progress)
         for extra in sorted(src.iterdir()):
             if extra.is_file() and extra.name not in NOT_COPIED and not extra.name.endswith(".safetensors"):
                 shutil.copy2(extra, tmp / extra.name)
         raw["quantization_config"] = build_config(plan.modules)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+@contextmanager
+def written_atomically(dst: Path):
+    """A temporary sibling directory to write into, renamed to `dst` when the block completes and
+    removed when it raises (an interrupt included): `dst` never exists half written."""
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dst
 
 
 def _read_and_convert(item: Item) -> dict[str, torch.Tensor]:

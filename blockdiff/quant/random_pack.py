@@ -14,8 +14,6 @@ of its own.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 from ..config import ModelConfig
 from ..hf_layout import OUR_VISION, to_checkpoint
 from ..model.transformer import DiffusionGemma
-from .convert import SHARD_BYTES, Item, Plan, decide, write_shards
+from .convert import SHARD_BYTES, Item, Plan, decide, write_shards, written_atomically
 from .ct_config import build_config
 from .scheme import WeightArgs, get_scheme
 
@@ -96,19 +94,13 @@ def write_random_pack(config: ModelConfig, scheme: str, dst: str | Path, seed: i
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose a new directory")
     plan = plan_random(config, scheme, embedding)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True)
+    with written_atomically(dst) as tmp:
         write_shards(plan, tmp, shard_bytes, progress, RandomTensors(seed, std), "random pack")
         config = ModelConfig.from_dict({**config.to_dict(), "dtype": "bfloat16"})
         config.save(tmp / "config.json")
         raw = json.loads((tmp / "config.json").read_text())
         raw["quantization_config"] = build_config(plan.modules)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -44,6 +44,8 @@ PRESETS = {
                     canvas_length=256, sliding_window=1024),
 }
 
+RELEASED = ("26b-a4b",)      # `bench --quant` builds these directly quantized (`bench_released.py`)
+
 
 def build_checkpoint(preset: str, path: Path, dtype: torch.dtype, device: str) -> DiffusionGemma:
     cfg = ModelConfig(**PRESETS[preset], max_position_embeddings=8192)

@@ -7,7 +7,10 @@ tensors, so no memory is spent on a random init. Loading is strict: a missing, u
 shaped tensor raises `CheckpointError` naming it. Safetensors only; nothing is unpickled.
 A config.json with a `quantization_config` (compressed-tensors) gets quantized modules in place of the
 linears and experts it names (`quant/load.py`); their integer tensors keep their dtype, `dtype` applies
-to the float ones, and the memory check counts the quantized sizes.
+to the float ones, and the memory check counts the quantized sizes. Each quantized module is converted
+to its kernels' layout as soon as its last tensor has been read (`quant.load.StreamingPacker`), and
+tensors are read straight into their own memory (`tensor_file.py`, no memory map), so loading peaks
+at about the converted model plus one module, not at the checkpoint plus the converted model.
 With a `shard` (one rank's part of a tensor-parallel model, `distributed/layout.py`), the model is
 that rank's skeleton, only its slice of each tensor is read and checked, and the memory check
 counts that part.
@@ -20,10 +23,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
-from .hardware import check_fits
+from .hardware import check_fits, release_freed_memory
 from .hf_layout import (DTYPES, VISION, CheckpointError, check_index, save_checkpoint, to_checkpoint, to_ours,
                         weight_files)
 from .hub import METADATA_FILES, resolve_model
+from .tensor_file import TensorFile
 from .model.transformer import DiffusionGemma
 
 __all__ = ["CheckpointError", "load_model", "resolve_dtype", "save_checkpoint"]
@@ -55,10 +59,16 @@ def load_model(model: str | Path, dtype: str | torch.dtype | None = None, device
     files = weight_files(path)
     keys = checkpoint_keys(files)
     settle_vision(config, keys)
-    model_obj = _load_weights(_skeleton(config, quant, keys, shard), path, files, torch_dtype, device, shard)
+    skeleton = _skeleton(config, quant, keys, shard)
+    packer = None
     if quant is not None:
-        from .quant.load import pack_for_kernels
-        pack_for_kernels(model_obj)
+        from .quant.load import StreamingPacker
+        packer = StreamingPacker(skeleton)
+    model_obj = _load_weights(skeleton, path, files, torch_dtype, device, shard, packer)
+    if packer is not None:
+        packer.finish()
+        if torch.device(device).type == "cpu":
+            release_freed_memory()        # the compressed tensors' heap holes, between kept weights
     return model_obj
 
 
@@ -81,13 +91,14 @@ def _stored_dtype(expected: torch.dtype, dtype: torch.dtype) -> torch.dtype:
 
 
 def _load_weights(model: DiffusionGemma, path: Path, files: list[Path], torch_dtype: torch.dtype,
-                  device, shard=None) -> DiffusionGemma:
+                  device, shard=None, packer=None) -> DiffusionGemma:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     kinds = {name: t.dtype for name, t in model.state_dict().items()}
-    state, found = {}, {}
+    state, found, loaded = {}, {}, set()
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
+                direct = TensorFile(file) if shard is None else None
                 for key in f.keys():
                     found[key] = file.name
                     kind, name = to_ours(key)
@@ -102,11 +113,15 @@ def _load_weights(model: DiffusionGemma, path: Path, files: list[Path], torch_dt
                     if shape != expected[name]:
                         raise CheckpointError(f"tensor '{key}' has shape {list(shape)}, expected {list(expected[name])}")
                     if kind == "load":
-                        state[name] = _read(f, key, kinds[name], torch_dtype, device, shard and (shard, name))
+                        source = f if direct is None else direct
+                        loaded.add(name)
+                        state[name] = _read(source, key, kinds[name], torch_dtype, device, shard and (shard, name))
+                        if packer is not None:
+                            packer.take(name, state)
         except SafetensorError as err:
             raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
     check_index(path, found)
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - loaded)
     if missing:
         shown = ", ".join(to_checkpoint(n) for n in missing[:5])
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
@@ -128,7 +143,10 @@ def checkpoint_keys(files: list[Path]) -> set[str]:
 def _read(f, key: str, expected: torch.dtype, dtype: torch.dtype, device, part=None) -> torch.Tensor:
     """One tensor (`part`: (shard, our name) reads that rank's slice): float ones cast to `dtype`;
     integer and float8 ones must be stored as expected."""
-    t = f.get_tensor(key) if part is None else part[0].read(f.get_slice(key), part[1])
+    if part is not None:
+        t = part[0].read(f.get_slice(key), part[1])
+    else:
+        t = f.read(key) if isinstance(f, TensorFile) else f.get_tensor(key)
     if _stored_dtype(expected, dtype) == dtype and t.dtype.is_floating_point and t.dtype.itemsize > 1:
         return t.to(device=device, dtype=dtype)
     if t.dtype != expected:

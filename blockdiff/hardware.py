@@ -1,7 +1,7 @@
 """What the device can do fast, and hold. Contract: `auto_dtype(device)` is bf16 on CUDA and on CPUs
 with native bf16 matmuls (AVX512-BF16 / AMX), else fp32 (AVX2-only CPUs run bf16 matmuls on slow
 fallback kernels). `--threads` for the commands that run a model. `reuse_freed_memory()` keeps glibc
-from handing large freed tensors back to the OS. `check_fits(nbytes, device)` raises
+from handing large freed tensors back to the OS; `release_freed_memory()` hands the free ones back now. `check_fits(nbytes, device)` raises
 `NotEnoughMemory` when the device has less free memory than that (CUDA: the driver's free bytes;
 CPU: MemAvailable). torch is imported lazily, so that `--help` stays instant."""
 from __future__ import annotations
@@ -89,6 +89,19 @@ def reuse_freed_memory() -> bool:
         return False
     _reusing = bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
     return _reusing
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS now (glibc `malloc_trim`): after a load that freed
+    many mid-sized temporaries between the tensors it keeps, those holes would otherwise stay
+    resident. Returns whether it ran."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def has_vnni() -> bool:

@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
                                    "on the same random-weight checkpoint. The last output line is JSON.")
     p.add_argument("--preset", choices=sorted(bench.PRESETS), default="small",
                    help="model shapes: small (10M), medium (54M), real-vocab (the small network with a 262,144-token "
-                        "vocabulary and canvas 256), 26b-a4b (released shapes, GPU) (default small)")
+                        "vocabulary and canvas 256), 26b-a4b (the released shapes: with --quant, built directly quantized "
+                        "and served with a --max-model-len KV cache) (default small)")
     p.add_argument("--steps", type=int, default=16, help="fixed denoising steps per canvas (default 16)")
     p.add_argument("--batch-sizes", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     p.add_argument("--canvases", type=int, default=2, help="canvases generated per request (default 2)")
@@ -40,6 +41,10 @@ def add_parser(sub) -> None:
                    help="instead: structured output, the validity of 32 JSON schemas on the default model and "
                         "the tok/s of batch-16 JSON-schema requests against free ones on --preset")
     p.add_argument("--seeds", type=int, default=2, help="--structured: seeds per schema (default 2)")
+    p.add_argument("--embedding", choices=["bf16", "int8"], default="bf16",
+                   help="the embedding (tied LM head) of the released-shapes run's pack (default bf16)")
+    p.add_argument("--max-model-len", type=int, default=32768,
+                   help="KV cache positions for the released-shapes run (--preset 26b-a4b --quant; default 32768)")
     add_device_flags(p, device="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=run)
 
@@ -56,6 +61,8 @@ def run(args) -> int:
             return measure_parallel(args, Path(tmp))
         if args.structured:
             return measure_structured(args, Path(tmp))
+        if args.quant and args.preset in bench.RELEASED:
+            return measure_released(args, Path(tmp))
         return measure_quant(args, Path(tmp)) if args.quant else measure(args, Path(tmp))
 
 
@@ -72,6 +79,19 @@ def measure_structured(args, root: Path) -> int:
         print(f"{name}: stop {v['stop']}/{v['requests']} ({v['stop_share']:.1%}), valid {v['valid_stop']}/{v['stop']}, "
               f"{v['repaired_share']:.1%} of tokens repaired, {v['steps_per_canvas']:.1f} steps/canvas")
     print(f"constrained/free tok/s at batch 16: {res['overhead']['constrained_vs_free']:.3f}")
+    print(json.dumps(res, sort_keys=True))
+    return 0
+
+
+def measure_released(args, root: Path) -> int:
+    from ..bench_released import measure_released as run_released
+    from ..quant.scheme import get_scheme
+
+    get_scheme(args.quant).with_embedding(args.embedding)
+    res = run_released(args.quant, args.preset, root, None if args.dtype is None else getattr(torch, args.dtype),
+                       args.device, args.steps, args.prompt_len, args.canvases, args.max_model_len, args.embedding)
+    for key in ("weights_gb", "load_s", "kv_cache_gib", "peak_rss_gib", "step_s", "tok_per_s"):
+        print(f"{key:>14}: {res[key]:.3f}")
     print(json.dumps(res, sort_keys=True))
     return 0
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hardware import auto_dtype
 from .noise import RENOISE, hash_tokens, hash_uniform, inverse_cdf_sample
 from .acceptance import entropy_bound_accept
 from .vocab_stream import BLOCK, TILE_BYTES, Head, sample_from_blocks, stream_vocab, tile_width
@@ -116,6 +117,11 @@ def model_softcap_table(model) -> torch.Tensor | None:
     return softcap_table(cap, w.dtype, str(w.device))
 
 
+def slow_half_matmul(w) -> bool:
+    """Whether 16-bit matmuls with `w` run on a slow fallback kernel (a CPU without native bf16)."""
+    return w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu" and auto_dtype("cpu") == torch.float32
+
+
 def eager_sampler_core(model):
     """`sampler_core` with the softcap table of the model's 16-bit logits bound (none for fp32).
     Eager only: compiled, the gather is repeated inside each fused pass and runs slower than
@@ -141,7 +147,7 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
                  core=sampler_core):
     """hidden (r, C, H) -> (argmax, sampled, accept, max_prob, soft, entropy) for a tile of rows.
     `core`: `sampler_core`, `eager_sampler_core(model)` or `compiled_sampler_core()`."""
-    w = model.embed_tokens.weight
+    w = model.embed_tokens.weight[:]           # the whole (V, H) matrix (dequantized if int8)
     proc, probs, argmax, max_prob, ent = core(torch.nn.functional.linear(hidden, w), row_temperature(knobs, step_idx),
                                                 model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
@@ -158,7 +164,7 @@ def denoise_tile_streamed(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, 
     """`denoise_tile` with the vocabulary streamed in tiles (see `vocab_stream.py`): the same outputs,
     and no (r, C, V) tensor. Positions of all r rows share each tile of the embedding matrix."""
     (r, c, hidden_size), w = hidden.shape, model.embed_tokens.weight
-    head = Head(w, model.config.final_logit_softcapping, model_softcap_table(model))
+    head = Head(w, model.config.final_logit_softcapping, model_softcap_table(model), slow_half_matmul(w))
     h, temp = hidden.reshape(r * c, hidden_size), row_temperature(knobs, step_idx).repeat_interleave(c)
     tile = tile_width(r * c, w.shape[0], min(TILE_BYTES, budget_bytes // 4))
     stats = stream_vocab(head, h, temp, tile)

@@ -50,6 +50,16 @@ class Head:
     weight: torch.Tensor
     cap: float
     table: torch.Tensor | None
+    # 16-bit weights on a CPU without native bf16/fp16 matmuls: multiply each tile in fp32 and round
+    # the products to the weight dtype, as the 16-bit kernel does (that kernel is a slow fallback
+    # there: 20-30x slower for the soft embedding's (P, T) x (T, H) product)
+    upcast: bool = False
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b in the weight dtype (a, b in that dtype)."""
+        if self.upcast:
+            return torch.mm(a.float(), b.float()).to(a.dtype)
+        return torch.mm(a, b)
 
     def process(self, x: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
         """Raw logits (P, T) in the weight dtype -> fp32 softcap(x) / temp (P,), the materialised
@@ -68,7 +78,7 @@ class Head:
         if w.dtype == torch.float32:
             self.process(torch.mm(h, w.t(), out=out), temp)
         else:
-            out.copy_(self.process(torch.mm(h, w.t()), temp))
+            out.copy_(self.process(self.mm(h, w.t()), temp))
 
 
 @dataclass
@@ -118,7 +128,7 @@ def stream_vocab(head: Head, h: torch.Tensor, temp: torch.Tensor, tile: int) -> 
         if w.dtype == torch.float32:
             soft.mul_(alpha[:, None]).addmm_(e[:, :n], w_t)
         else:
-            soft.mul_(alpha[:, None]).add_(torch.mm(e[:, :n].to(w.dtype), w_t))
+            soft.mul_(alpha[:, None]).add_(head.mm(e[:, :n].to(w.dtype), w_t))
         m = m_new
     blocks.view(p, n_tiles, per_tile).mul_(torch.exp(tile_m - m[:, None])[:, :, None])   # every tile's to the final max
     return VocabStats(m, z, s, argmax, soft, blocks[:, :-(-v // BLOCK)])

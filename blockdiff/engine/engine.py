@@ -29,6 +29,7 @@ from ..generation_config import GenerationDefaults, read_generation_config
 from ..hardware import auto_dtype, reuse_freed_memory
 from ..image_prompt import prefix_keys
 from ..hub import METADATA_FILES, resolve_model
+from ..model.slot_cache import ring_length
 from ..model.transformer import DiffusionGemma
 from ..structured.constraint import compile_constraint
 from ..structured.grammar import GrammarCompiler
@@ -88,7 +89,9 @@ class LLM:
         self.defaults = (sampling_defaults or SamplingParams()).with_defaults(
             SamplingParams(max_tokens=self.generation.max_new_tokens).with_defaults(self.generation.params)
         ).with_defaults(SamplingParams.built_in())
-        self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length)
+        ring = ring_length(cfg, max_model_len)       # the KV cache's sliding-layer ring, if it keeps one
+        self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length,
+                                   None if ring is None else ring - (cfg.sliding_window - 1))
         eos_ids = set(cfg.eos_ids) | set(self.generation.eos_token_ids) | set(
             self.tokenizer.eos_ids if self.tokenizer else ())
         self.output = OutputProcessor(self._decode, eos_ids, self._decode_token)

@@ -49,8 +49,8 @@ class StepResult:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_model_len: int, canvas_length: int):
-        self.kv = SlotAllocator(num_slots)
+    def __init__(self, num_slots: int, max_model_len: int, canvas_length: int, ring_slack: int | None = None):
+        self.kv = SlotAllocator(num_slots, ring_slack=ring_slack)
         self.max_model_len, self.canvas_length = max_model_len, canvas_length
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

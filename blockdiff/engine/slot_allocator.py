@@ -7,7 +7,9 @@ copies the shared prefix from a busy slot (e.g. the sibling requests of `n > 1`)
 shared part is never recomputed. K/V depend only on the tokens and their positions, so any
 matching prefix is exact, for full and sliding layers alike. Tokens are compared as keys: the ids,
 except that image tokens are keyed by their image's content (`Request.cache_keys`), so two prompts
-share an image's K/V only when the images are equal.
+share an image's K/V only when the images are equal. With `ring_slack` (the KV cache keeps sliding
+layers in a ring, `model.slot_cache`), a slot's prefix is reusable only while the slot holds at most
+that many tokens past it: older positions have been overwritten.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class SlotAllocator:
-    def __init__(self, num_slots: int, min_copy: int = 16):
+    def __init__(self, num_slots: int, min_copy: int = 16, ring_slack: int | None = None):
+        self.ring_slack = ring_slack
         self.tokens: list[list[int]] = [[] for _ in range(num_slots)]
         self.busy = [False] * num_slots
         self.min_copy = min_copy           # shorter shared prefixes are cheaper to recompute
@@ -47,11 +50,11 @@ class SlotAllocator:
             raise RuntimeError("no free KV-cache slot")
         # best free slot: longest shared prefix, then least recently used (keeps useful prefixes longer)
         slot = max(free, key=lambda s: (common_prefix(self.tokens[s], prompt), -self.last_used[s]))
-        reuse, copy_from = common_prefix(self.tokens[slot], prompt), None
+        reuse, copy_from = self._usable(slot, prompt), None
         busy = [s for s, b in enumerate(self.busy) if b]
         if busy:
-            donor = max(busy, key=lambda s: common_prefix(self.tokens[s], prompt))
-            shared = common_prefix(self.tokens[donor], prompt)
+            donor = max(busy, key=lambda s: self._usable(s, prompt))
+            shared = self._usable(donor, prompt)
             if shared >= max(self.min_copy, reuse + 1):
                 reuse, copy_from = shared, donor
         self.busy[slot] = True
@@ -59,6 +62,13 @@ class SlotAllocator:
         self.clock += 1
         self.last_used[slot] = self.clock
         return Allocation(slot, reuse, copy_from)
+
+    def _usable(self, slot: int, prompt: list[int]) -> int:
+        """Positions of `prompt` whose K/V `slot` still holds."""
+        shared = common_prefix(self.tokens[slot], prompt)
+        if self.ring_slack is not None and len(self.tokens[slot]) - shared > self.ring_slack:
+            return 0
+        return shared
 
     def extend(self, slot: int, ids: list[int]) -> None:
         """Record that the K/V of `ids` were written right after the slot's current tokens."""

@@ -108,15 +108,18 @@ class DiffusionGemma(nn.Module):
         # sqrt(H) rounded to the model dtype: 53.0 rather than 53.066 for H=2816 in bf16
         return torch.tensor(self.config.hidden_size ** 0.5).to(dtype)
 
+    # The embedding matrix is a tensor, or (int8 embedding, `quant/embedding.py`) rows dequantized
+    # on indexing: `w[ids]` / `w[lo:hi]` read rows, `w[:]` is the whole (V, H) matrix (a view of a tensor).
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight
-        return F.embedding(ids, w) * self.embed_scale(w.dtype).to(w.device)
+        rows = F.embedding(ids, w) if isinstance(w, torch.Tensor) else w[ids]
+        return rows * self.embed_scale(w.dtype).to(w.device)
 
     def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """Previous step's processed logits (B, C, V) -> expected token embedding (B, C, H)."""
         w = self.embed_tokens.weight
         probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(w.dtype)
-        return torch.matmul(probs, w) * self.embed_scale(w.dtype).to(w.device)
+        return torch.matmul(probs, w[:]) * self.embed_scale(w.dtype).to(w.device)
 
     # ---- images -------------------------------------------------------------------------------
     @property
@@ -207,7 +210,7 @@ class DiffusionGemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head in the model dtype, then an fp32 tanh softcap. (…, H) -> (…, V) fp32."""
-        out = F.linear(hidden, self.embed_tokens.weight).float()
+        out = F.linear(hidden, self.embed_tokens.weight[:]).float()
         cap = self.config.final_logit_softcapping
         return torch.tanh(out / cap) * cap if cap else out
 

@@ -9,7 +9,8 @@ Contract:
   interrupted run leaves no directory named DST (and removes its temporary one when it can).
 - Output: config.json (the source's, plus `quantization_config`), safetensors shards with an index,
   and every other file of the source directory except its model card (tokenizer, generation config).
-  The embedding (tied LM head), router, norms and scalars are copied in their stored dtype; tied
+  The router, norms and scalars are copied in their stored dtype, and so is the embedding (tied LM
+  head) unless `embedding="int8"` (weight-only int8 rows, `pack-quantized`); tied
   encoder copies are not written (the loader ties them); the vision tower is copied unquantized.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from ..checkpoint import checkpoint_keys, settle_vision
 from ..hf_layout import OUR_VISION, TIED, CheckpointError, to_checkpoint, to_ours, weight_files
 from ..model.transformer import DiffusionGemma
 from .ct_config import build_config
-from .scheme import Scheme, WeightArgs, get_scheme, pack_int4, quantize_weight
+from .scheme import Scheme, WeightArgs, get_scheme, pack_int4, pack_int8, quantize_weight
 
 SHARD_BYTES = 2 * 2**30
 NOT_COPIED = {"config.json", "model.safetensors.index.json", "README.md"}
@@ -58,14 +60,16 @@ class Plan:
 def ct_tensors(module: str, w: torch.Tensor, args: WeightArgs) -> dict[str, torch.Tensor]:
     """A float (N, K) weight -> the compressed-tensors tensors of linear `module`."""
     q, scale = quantize_weight(w, args)
-    if args.bits == 8:
+    if args.bits == 8 and args.dynamic_activations:
         return {f"{module}.weight": q, f"{module}.weight_scale": scale}
-    return {f"{module}.weight_packed": pack_int4(q), f"{module}.weight_scale": scale,
+    packed = pack_int4(q) if args.bits == 4 else pack_int8(q)
+    return {f"{module}.weight_packed": packed, f"{module}.weight_scale": scale,
             f"{module}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
 
 
 def _ct_bytes(n: int, k: int, args: WeightArgs, scale_bytes: int) -> int:
-    body = n * k if args.bits == 8 else n * ((k + 7) // 8) * 4 + 16
+    per_word = 32 // args.bits
+    body = n * k if args.dynamic_activations else n * ((k + per_word - 1) // per_word) * 4 + 16
     return body + n * (k // (args.group_size or k)) * scale_bytes
 
 
@@ -94,7 +98,7 @@ def plan_conversion(config: ModelConfig, files: list[Path], scheme: Scheme) -> P
                     seen.add(name)
                     if kind == TIED:
                         continue
-                    _decide(item, name, nbytes, scheme, linears, plan)
+                    decide(item, name, nbytes, scheme, linears, plan)
                     item.out_bytes = item.out_bytes or max(1, torch.Size(shape).numel()) * nbytes
                     plan.items.append(item)
         except SafetensorError as err:
@@ -106,9 +110,14 @@ def plan_conversion(config: ModelConfig, files: list[Path], scheme: Scheme) -> P
     return plan
 
 
-def _decide(item: Item, name: str, nbytes: int, scheme: Scheme, linears: set[str], plan: Plan) -> None:
+def decide(item: Item, name: str, nbytes: int, scheme: Scheme, linears: set[str], plan: Plan) -> None:
     module = to_checkpoint(name).rpartition(".")[0]
-    if name in linears and scheme.linears is not None:
+    if name == "embed_tokens.weight" and scheme.embedding is not None:
+        n, k = item.shape
+        item.kind, item.args = "linear", scheme.embedding
+        plan.modules[module] = item.args
+        item.out_bytes = _ct_bytes(n, k, item.args, nbytes)
+    elif name in linears and scheme.linears is not None:
         n, k = item.shape
         item.kind, item.args = "linear", scheme.linears.for_input_size(k, item.key)
         plan.modules[module] = item.args
@@ -153,9 +162,10 @@ def shards(items: list[Item], shard_bytes: int) -> list[list[Item]]:
 
 
 def quantize(src: str | Path, dst: str | Path, scheme: str, shard_bytes: int = SHARD_BYTES,
-             progress: bool = True) -> Path:
-    """Write the compressed-tensors version of checkpoint `src` to the new directory `dst`."""
-    src, dst, chosen = Path(src), Path(dst), get_scheme(scheme)
+             progress: bool = True, embedding: str = "bf16") -> Path:
+    """Write the compressed-tensors version of checkpoint `src` to the new directory `dst`;
+    `embedding`: 'bf16' keeps the embedding (tied LM head) as stored, 'int8' quantizes it."""
+    src, dst, chosen = Path(src), Path(dst), get_scheme(scheme).with_embedding(embedding)
     raw = read_json_object(src / "config.json", "config.json")
     if "quantization_config" in raw:
         raise ValueError(f"{src} is already quantized ({raw['quantization_config'].get('quant_method', '?')}); "
@@ -164,34 +174,49 @@ def quantize(src: str | Path, dst: str | Path, scheme: str, shard_bytes: int = S
         raise FileExistsError(f"{dst} already exists; choose a new directory")
     config = ModelConfig.from_dict(raw)
     plan = plan_conversion(config, weight_files(src), chosen)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True)
-        _write_shards(plan, tmp, shard_bytes, progress)
+    with written_atomically(dst) as tmp:
+        write_shards(plan, tmp, shard_bytes, progress)
         for extra in sorted(src.iterdir()):
             if extra.is_file() and extra.name not in NOT_COPIED and not extra.name.endswith(".safetensors"):
                 shutil.copy2(extra, tmp / extra.name)
         raw["quantization_config"] = build_config(plan.modules)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+@contextmanager
+def written_atomically(dst: Path):
+    """A temporary sibling directory to write into, renamed to `dst` when the block completes and
+    removed when it raises (an interrupt included): `dst` never exists half written."""
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dst
 
 
-def _write_shards(plan: Plan, out: Path, shard_bytes: int, progress: bool) -> None:
+def _read_and_convert(item: Item) -> dict[str, torch.Tensor]:
+    with safe_open(str(item.file), framework="pt", device="cpu") as f:
+        return convert_item(item, f)
+
+
+def write_shards(plan: Plan, out: Path, shard_bytes: int, progress: bool, produce=_read_and_convert,
+                 desc: str = "quantize") -> None:
+    """Write the output tensors of every planned item (`produce(item)` -> {name: tensor}) into
+    safetensors shards of at most about `shard_bytes`, with their index."""
     from tqdm import tqdm
 
     groups = shards(plan.items, shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map, total = {}, 0
-    bar = tqdm(total=len(plan.items), unit="tensor", desc="quantize", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(plan.items), unit="tensor", desc=desc, disable=not progress, file=sys.stderr)
     for name, group in zip(names, groups):
         tensors = {}
         for item in group:
-            with safe_open(str(item.file), framework="pt", device="cpu") as f:
-                tensors.update(convert_item(item, f))
+            tensors.update(produce(item))
             bar.update(1)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))

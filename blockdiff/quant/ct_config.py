@@ -66,9 +66,9 @@ def build_config(plan: dict[str, WeightArgs]) -> dict[str, Any]:
             "transform_config": {}, "version": FORMAT_VERSION}
 
 
-def _matches(target: str, name: str) -> bool:
-    if target == "Linear":
-        return True
+def _matches(target: str, name: str, linear: bool = True) -> bool:
+    if target == "Linear":                 # the class target: linears (experts' included), not the embedding
+        return linear
     if target.startswith("re:"):
         return re.match(target[3:], name) is not None
     return target == name
@@ -111,11 +111,12 @@ class QuantConfig:
             groups.append(Group(g["targets"], g.get("weights"), g.get("input_activations"), g.get("format")))
         return cls(groups, list(d.get("ignore") or []), d.get("format"))
 
-    def args_for(self, name: str) -> WeightArgs | Fp8Args | None:
+    def args_for(self, name: str, linear: bool = True) -> WeightArgs | Fp8Args | None:
+        """`linear`: whether module `name` is a Linear (the class target `Linear` matches only those)."""
         if any(_matches(t, name) for t in self.ignore if t != "Linear"):
             return None
         for g in self.groups:
-            if g.weights and any(_matches(t, name) for t in g.targets):
+            if g.weights and any(_matches(t, name, linear) for t in g.targets):
                 return _read_args(g, name, self.format)
         return None
 
@@ -131,5 +132,8 @@ def _read_args(g: Group, name: str, top_format: str | None) -> WeightArgs | Fp8A
         return WeightArgs(8, None, True)
     if supported and w.get("num_bits") == 4 and fmt == "pack-quantized" and acts is None:
         return WeightArgs(4, w.get("group_size") if w.get("strategy") == "group" else None)
+    if supported and w.get("num_bits") == 8 and fmt == "pack-quantized" and acts is None and w.get("strategy") == "channel":
+        return WeightArgs(8)              # weight-only int8 rows: blockdiff reads it for the embedding
     raise ValueError(f"module '{name}': quantization {w} with input activations {acts} in format {fmt!r} "
-                     "is not supported (supported: int8 channel w8a8, int4 pack-quantized, fp8 channel/tensor)")
+                     "is not supported (supported: int8 channel w8a8, int4 pack-quantized, fp8 channel/tensor, "
+                     "int8 channel pack-quantized for the embedding)")

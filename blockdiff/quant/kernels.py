@@ -102,13 +102,13 @@ class Int4Weight:
                 self.kernel = "int4pack-cpu" if fast else "dequantize"
                 if fast:
                     self.packed = torch.empty(num, n, k // 2, dtype=torch.uint8)
-                    self.scale_zeros = torch.zeros(num, k // g, n, 2, dtype=torch.bfloat16)
+                    self.scales = torch.empty(num, k // g, n, dtype=torch.bfloat16)       # zeros are all 0
                 else:
                     self.q = torch.empty(num, n, k, dtype=torch.int8, device=u.device)
                     self.scale = torch.empty(num, *s.shape, dtype=s.dtype, device=u.device)
             if self.kernel == "int4pack-cpu":
                 self.packed[e] = ATEN._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), 2)
-                self.scale_zeros[e, :, :, 0] = s.t()                  # zero = 0: w = (u - 8) * scale
+                self.scales[e] = s.t()                                # zero = 0: w = (u - 8) * scale
             else:
                 self.q[e], self.scale[e] = u.to(torch.int8) - 8, s
 
@@ -120,24 +120,29 @@ class Int4Weight:
             return _dequantized_mm(x, ends, self.n, lambda e: dequantize_weight(self.q[e], self.scale[e].to(x.dtype)))
         xb = x.to(torch.bfloat16)
         if ends is None:
-            out = ATEN._weight_int4pack_mm_for_cpu(xb, self.packed[0], self.group, self.scale_zeros[0])
-        else:
-            out = grouped_int4_mm(xb, self.packed, self.scale_zeros, ends, self.group)
-        return out.to(x.dtype)
+            ends = torch.full((1,), x.shape[0], dtype=torch.long)
+        return grouped_int4_mm(xb, self.packed, self.scales, ends, self.group).to(x.dtype)
 
 
 @torch.library.custom_op("blockdiff::grouped_int4_mm", mutates_args=())
-def grouped_int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, ends: torch.Tensor,
+def grouped_int4_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ends: torch.Tensor,
                     group_size: int) -> torch.Tensor:
-    """x (T, K) bf16 sorted by expert, packed (E, N, K/2), scale_zeros (E, K/g, N, 2), ends (E,) -> (T, N).
-    One operator to the graph; inside it, each expert's contiguous rows go through the int4 kernel."""
-    return _chunked(x, ends, scale_zeros.shape[2], lambda e, rows: ATEN._weight_int4pack_mm_for_cpu(
-        rows, packed[e], group_size, scale_zeros[e]))
+    """x (T, K) bf16 sorted by expert, packed (E, N, K/2), scales (E, K/g, N), ends (E,) -> (T, N).
+    One operator to the graph; inside it, each expert's contiguous rows go through the int4 kernel.
+    The kernel reads (scale, zero) pairs (K/g, N, 2); the zeros of symmetric int4 are all 0, so one
+    expert's pairs are filled in per call instead of stored (that would double the scales' memory)."""
+    pairs = x.new_zeros(scales.shape[1], scales.shape[2], 2)
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        pairs[..., 0] = scales[e]
+        return ATEN._weight_int4pack_mm_for_cpu(rows, packed[e], group_size, pairs)
+
+    return _chunked(x, ends, scales.shape[2], expert)
 
 
 @grouped_int4_mm.register_fake
-def _(x, packed, scale_zeros, ends, group_size):
-    return x.new_empty(x.shape[0], scale_zeros.shape[2])
+def _(x, packed, scales, ends, group_size):
+    return x.new_empty(x.shape[0], scales.shape[2])
 
 
 def _chunked(x: torch.Tensor, ends: torch.Tensor, n: int, fn) -> torch.Tensor:

@@ -3,17 +3,20 @@
 Contract:
 - A `Scheme` says how the model's linears and its experts are stored: `WeightArgs` (bits, group
   size, whether activations are quantized at run time) or None (kept in the checkpoint dtype). The
-  embedding / tied LM head and the router are never touched by a scheme.
+  router is never touched; the embedding / tied LM head stays in its dtype unless the scheme is
+  taken `with_embedding("int8")` (int8 per token row, weight-only).
 - Weights are quantized symmetrically, as compressed-tensors does: `scale = absmax / 127.5` (int8) or
   `absmax / 7.5` (int4) per output channel or per group of `group_size` inputs, rounded to the
   weight's dtype first, then `q = clamp(round(w / scale))` (round half to even), and the weight is
   read back as `q * scale`. A zero row gets scale 1 (its values are all 0).
 - int4 values are packed into int32 words along K, element k in nibble `k % 8` of word `k // 8`,
-  stored as `q + 8` (low nibble first); rows are padded to a multiple of 8 values.
+  stored as `q + 8` (low nibble first); rows are padded to a multiple of 8 values. Weight-only int8
+  is packed the same way (compressed-tensors' `pack-quantized`): `q + 128`, byte `k % 4` of word
+  `k // 4`, which is the little-endian bytes of the words read as uint8.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,7 +49,9 @@ class WeightArgs:
 
 
 INT8_A8 = WeightArgs(8, None, True)
+INT8 = WeightArgs(8)                     # weight-only (the embedding)
 INT4 = WeightArgs(4, 128)
+EMBEDDINGS = {"bf16": None, "int8": INT8}
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,13 @@ class Scheme:
     linears: WeightArgs | None
     experts: WeightArgs | None
     description: str
+    embedding: WeightArgs | None = None
+
+    def with_embedding(self, kind: str) -> "Scheme":
+        """This scheme with the embedding (tied LM head) kept as `kind`: 'bf16' (its stored dtype) or 'int8'."""
+        if kind not in EMBEDDINGS:
+            raise ValueError(f"unknown embedding storage {kind!r}; choose one of {', '.join(EMBEDDINGS)}")
+        return replace(self, embedding=EMBEDDINGS[kind])
 
 
 SCHEMES = {s.name: s for s in (
@@ -110,3 +122,16 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     """(N, ceil(K/8)) int32 -> u (N, K) int32 in [0, 15] (= q + 8)."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)[:, :k]
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) int8 -> (N, ceil(K/4)) int32, compressed-tensors' pack-quantized 8-bit words."""
+    u = (q.to(torch.int16) + 128).to(torch.uint8)
+    if q.shape[1] % 4:
+        u = torch.nn.functional.pad(u, (0, 4 - q.shape[1] % 4))
+    return u.contiguous().view(torch.int32)
+
+
+def unpack_int8(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, ceil(K/4)) int32 -> q (N, K) int8."""
+    return (packed.contiguous().view(torch.uint8)[:, :k].to(torch.int16) - 128).to(torch.int8)

@@ -30,3 +30,17 @@ def test_bench_quant_smoke(capsys, monkeypatch):
         assert isinstance(res[key], float) and res[key] > 0, key
     assert 0 < res["weights_bytes"] < res["weights_bytes_bf16"]
     assert main(["bench", "--quant", "int3"]) == 2
+
+
+def test_bench_structured_smoke(capsys, monkeypatch):
+    from blockdiff import bench, bench_structured
+    from blockdiff.cli import main
+
+    tiny = dict(bench.PRESETS["small"], num_hidden_layers=2, canvas_length=16, hidden_size=64, intermediate_size=64,
+                moe_intermediate_size=32, layer_types=["sliding_attention", "full_attention"])   # the default vocabulary
+    monkeypatch.setitem(bench.PRESETS, "tiny", tiny)
+    monkeypatch.setattr(bench_structured, "SUITE", bench_structured.SUITE[:2])
+    assert main(["bench", "--structured", "--preset", "tiny", "--steps", "1", "--canvases", "1", "--seeds", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["validity"]["requests"] == 2 and res["validity"]["valid_stop"] == res["validity"]["stop"]
+    assert res["overhead"]["constrained_vs_free"] > 0 and res["overhead"]["constrained_finish"] == ["length"]

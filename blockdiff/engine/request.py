@@ -18,7 +18,7 @@ from ..diffusion.params import BUILT_IN, MAX_LOGPROBS, DiffusionParams, check_bo
 from ..structured.grammar import GrammarSpec, check_spec, normalize_schema
 
 BUILT_IN_MAX_TOKENS = 256     # transformers' default max_new_tokens (also the released checkpoint's)
-OFF_WHEN_NONE = ("logprobs",)  # fields whose None means "off", not "left to the defaults"
+OFF_WHEN_NONE = ("logprobs", "json_schema", "regex")  # fields whose None means "off", not "left to the defaults"
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,9 @@ def test_init_from_starts_diffusion_from_ar_weights(corpus, tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         train(config(corpus, tmp_path / "bad", max_steps=1, init_from=str(tmp_path / "ar" / "checkpoint"),
                      model={**MODEL, "hidden_size": 48}))
+    ar.to(torch.bfloat16).save_pretrained(tmp_path / "ar_bf16")        # stored as an export stores it
+    train(config(corpus, tmp_path / "from_bf16", max_steps=1, init_from=str(tmp_path / "ar_bf16"),
+                 model={**MODEL, "canvas_length": 4}))
 
 
 def test_sigterm_checkpoints_and_the_run_resumes(corpus, tmp_path):

@@ -129,11 +129,12 @@ class Run:
             init_weights(model, self.cfg.init_std, seed=self.cfg.seed)
             return model
         # AR-initialised diffusion (as DiffusionGemma, Dream and DiffuLLaMA start from AR weights): every
-        # weight comes from the checkpoint; the canvas length is not a weight, so it may differ.
+        # weight comes from the checkpoint; the canvas length and the stored dtype are not weights' shapes,
+        # so they may differ (an exported checkpoint is stored in bf16).
         source = load_model(self.cfg.init_from, dtype=torch.float32)
+        free = ("canvas_length", "dtype")
         theirs, ours = source.config.to_dict(), model.config.to_dict()
-        if {k: v for k, v in theirs.items() if k != "canvas_length"} != \
-                {k: v for k, v in ours.items() if k != "canvas_length"}:
+        if {k: v for k, v in theirs.items() if k not in free} != {k: v for k, v in ours.items() if k not in free}:
             raise ConfigError(f"init_from {self.cfg.init_from}: its model differs from the config's 'model' "
                               "(only canvas_length may differ)")
         model.load_state_dict(source.state_dict(), strict=True)

@@ -33,15 +33,19 @@ def test_engine_equals_reference(hf_dirs, name, temperature):
     """Single request: the engine's tokens equal the reference fed the same draws (HashNoise)."""
     _, path = hf_dirs[name]
     llm = LLM(blockdiff.load_model(path), tokenizer=None)
-    c, w = CONFIGS[name]["canvas_length"], CONFIGS[name]["sliding_window"]
-    prompt = list(range(3, 3 + w + 5))                       # longer than the sliding window
-    sp = SamplingParams(max_tokens=3 * c - 1, seed=17, max_denoising_steps=4, temperature=temperature,
-                        ignore_eos=True, confidence_threshold=100.0, stability_threshold=1)
+    out, sp = check_against_reference(llm, list(range(3, 3 + CONFIGS[name]["sliding_window"] + 5)), temperature)
+    assert out.finish_reason == "length" and len(out.token_ids) == sp.max_tokens
+
+
+def check_against_reference(llm: LLM, prompt: list[int], temperature: float):
+    """Three canvases of one request: the engine's tokens and steps per canvas equal the reference's."""
+    sp = SamplingParams(max_tokens=3 * llm.model.config.canvas_length - 1, seed=17, max_denoising_steps=4,
+                        temperature=temperature, ignore_eos=True, confidence_threshold=100.0, stability_threshold=1)
     out = llm.generate([prompt], sp)[0]
     ids, steps = reference_ids(llm.model, prompt, sp)
     assert out.token_ids == ids
     assert out.stats.steps_per_canvas == steps
-    assert out.finish_reason == "length" and len(out.token_ids) == sp.max_tokens
+    return out, sp
 
 
 def mixed_params():

@@ -3,7 +3,7 @@ reference, prefix reuse stays exact, and the ring is only as long as the window 
 import pytest
 import torch
 from hf_oracle import CONFIGS
-from test_engine import reference_ids
+from test_engine import check_against_reference
 
 import blockdiff
 from blockdiff.engine.engine import LLM
@@ -34,13 +34,7 @@ def test_ring_engine_equals_reference(hf_dirs, ring_always, temperature):
     c, w = CONFIGS["spec"]["canvas_length"], CONFIGS["spec"]["sliding_window"]
     llm = LLM(blockdiff.load_model(path), tokenizer=None, max_model_len=512)
     assert llm.runner.cache.ring == w - 1 + c
-    prompt = list(range(3, 3 + 2 * w + 5))
-    sp = SamplingParams(max_tokens=3 * c - 1, seed=17, max_denoising_steps=4, temperature=temperature,
-                        ignore_eos=True, confidence_threshold=100.0, stability_threshold=1)
-    out = llm.generate([prompt], sp)[0]
-    ids, steps = reference_ids(llm.model, prompt, sp)
-    assert out.token_ids == ids
-    assert out.stats.steps_per_canvas == steps
+    check_against_reference(llm, list(range(3, 3 + 2 * w + 5)), temperature)
 
 
 def test_ring_prefix_reuse_and_batch(hf_dirs, monkeypatch):

@@ -104,7 +104,7 @@ def test_bad_constraints_name_the_field(kwargs, field):
 
 def test_commit_repairs_a_canvas_and_rolls_back_on_error(llm):
     tok = llm.tokenizer
-    compiler = GrammarCompiler(tok.backend.to_str(), llm.model.config.vocab_size, llm.eos_ids)
+    compiler = GrammarCompiler(tok.backend.to_str(), llm.model.config.vocab_size, llm.output.eos_ids)
     schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
                          "required": ["n"], "additionalProperties": False})
     constraint = compile_constraint(compiler, GrammarSpec("json_schema", schema))
@@ -114,7 +114,7 @@ def test_commit_repairs_a_canvas_and_rolls_back_on_error(llm):
 
     def prefer_digits(pos):                     # logits favouring "7", then "}", then EOS
         logits = torch.zeros(llm.model.config.vocab_size)
-        logits[digits[0]], logits[tok.encode("}", add_bos=False)[0]], logits[llm.eos_ids[0]] = 3, 2, 1
+        logits[digits[0]], logits[tok.encode("}", add_bos=False)[0]], logits[min(llm.output.eos_ids)] = 3, 2, 1
         return logits
 
     def broken(pos):
@@ -123,13 +123,13 @@ def test_commit_repairs_a_canvas_and_rolls_back_on_error(llm):
     with pytest.raises(RuntimeError):
         constraint.commit(canvas, broken)
     out = constraint.commit(canvas, prefer_digits)          # the failed commit left no trace
-    text = tok.decode([t for t in out if t not in llm.eos_ids])
-    assert text == '{"n":7}' and out[-1] in llm.eos_ids
+    text = tok.decode([t for t in out if t not in llm.output.eos_ids])
+    assert text == '{"n":7}' and out[-1] in llm.output.eos_ids
 
 
 def test_guide_pins_the_frontier_and_leaves_the_matcher(llm):
     tok = llm.tokenizer
-    compiler = GrammarCompiler(tok.backend.to_str(), llm.model.config.vocab_size, llm.eos_ids)
+    compiler = GrammarCompiler(tok.backend.to_str(), llm.model.config.vocab_size, llm.output.eos_ids)
     schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
                                                "bb": {"type": "boolean"}},
               "required": ["a", "bb"], "additionalProperties": False}

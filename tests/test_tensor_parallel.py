@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_engine import mixed_params as engine_mixed_params
 
 from blockdiff.checkpoint import load_model, settled_config
 from blockdiff.config import ModelConfig
@@ -45,16 +46,10 @@ def tp2(path):
 
 
 def mixed_params():
-    """Sampled, greedy, fixed-step, wide-temperature, top-k + top-p and top-p rows in one batch."""
-    return [SamplingParams(max_tokens=32, seed=1, max_denoising_steps=5, ignore_eos=True),
-            SamplingParams(max_tokens=20, seed=2, max_denoising_steps=3, temperature=0, ignore_eos=True),
-            SamplingParams(max_tokens=40, seed=3, max_denoising_steps=5, fixed_steps=True, entropy_bound=0.5,
-                           ignore_eos=True),
-            SamplingParams(max_tokens=33, seed=4, max_denoising_steps=3, confidence_threshold=100.0,
-                           stability_threshold=0, t_min=0.1, t_max=2.0, ignore_eos=True),
-            SamplingParams(max_tokens=24, seed=5, max_denoising_steps=4, top_k=20, top_p=0.9, ignore_eos=True),
-            SamplingParams(max_tokens=16, seed=6, max_denoising_steps=4, top_p=0.8, temperature=1.5,
-                           ignore_eos=True)]
+    """The engine tests' mixed batch (sampled, greedy, fixed-step, wide-temperature, top-k + top-p) and
+    a top-p row."""
+    return engine_mixed_params() + [SamplingParams(max_tokens=16, seed=6, max_denoising_steps=4, top_p=0.8,
+                                                   temperature=1.5, ignore_eos=True)]
 
 
 def picture(seed: int):

@@ -89,13 +89,12 @@ class LLM:
         self.defaults = (sampling_defaults or SamplingParams()).with_defaults(
             SamplingParams(max_tokens=self.generation.max_new_tokens).with_defaults(self.generation.params)
         ).with_defaults(SamplingParams.built_in())
-        ring = ring_length(cfg, max_model_len)       # the KV cache's sliding-layer ring, if it keeps one
-        self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length,
-                                   None if ring is None else ring - (cfg.sliding_window - 1))
+        # With a sliding-layer ring in the KV cache a slot may hold at most one canvas past a reused prefix.
+        ring_slack = cfg.canvas_length if ring_length(cfg, max_model_len) is not None else None
+        self.scheduler = Scheduler(max_num_seqs, max_model_len, cfg.canvas_length, ring_slack)
         eos_ids = set(cfg.eos_ids) | set(self.generation.eos_token_ids) | set(
             self.tokenizer.eos_ids if self.tokenizer else ())
         self.output = OutputProcessor(self._decode, eos_ids, self._decode_token)
-        self.eos_ids = sorted(eos_ids)
         self._grammars = None                   # structured.grammar.GrammarCompiler, built on first use
         self.inputs = InputProcessor.for_model(self.tokenizer, cfg, source, max_images_per_prompt,
                                                allowed_local_media_path)
@@ -191,7 +190,7 @@ class LLM:
                              "single-device engine")
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.model.config.vocab_size,
-                                             self.eos_ids)
+                                             self.output.eos_ids)
         self._grammars.matcher(params.grammar)
         return self._grammars
 

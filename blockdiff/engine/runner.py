@@ -214,6 +214,7 @@ class ModelRunner:
             except Exception:                          # noqa: BLE001 - a grammar fault belongs to its request
                 result.finished.pop(r.request_id, None)
                 _fail(r, result)
+
     def _logprobs_into(self, rows: list[int], requests: list[Request], hidden: torch.Tensor,
                        result: StepResult) -> None:
         """Logprobs of the committed canvases of `rows` (those that asked) under the step just run:

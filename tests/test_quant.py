@@ -79,12 +79,49 @@ def test_a_row_does_not_depend_on_the_rest_of_the_batch(args):
     assert torch.equal(mod(x), alone)
 
 
+@pytest.mark.parametrize("rows", [1, 16, 40])        # <= 16 rows are padded for cuBLASLt
+def test_int_mm_path_matches_its_dequantized_reference(monkeypatch, rows):
+    """The CUDA w8a8 path (`torch._int_mm`, 8-bit activations per token), run on CPU by torch's own _int_mm."""
+    from blockdiff.quant import kernels
+    monkeypatch.setattr(kernels, "select_int8_kernel", lambda *a: "int-mm")
+    torch.manual_seed(3)
+    mod, deq = quant_linear(torch.randn(48, 64) * 0.05, INT8)
+    assert mod.kernel_weight.kernel == "int-mm"
+    x = torch.randn(rows, 64)
+    x[0] *= 50
+    out = mod(x)
+    assert out.shape == (rows, 48) and rel(out, F.linear(x, deq)) < 0.01
+    assert torch.equal(out, torch.cat([mod(x[i:i + 1]) for i in range(rows)]))     # rows independent
+
+
+def test_fp8_scaled_mm_path_matches_its_dequantized_reference(monkeypatch):
+    """The CUDA fp8 path (`torch._scaled_mm`, fp8 activations per token), run on CPU by torch's own op."""
+    from blockdiff.quant import kernels
+    from blockdiff.quant.modules import Fp8Linear
+    monkeypatch.setattr(kernels, "select_fp8_kernel", lambda *a: "scaled-mm-fp8")
+    torch.manual_seed(4)
+    w = torch.randn(32, 64) * 0.05
+    scale = w.abs().amax(1, keepdim=True) / 448
+    q = (w / scale).to(torch.float8_e4m3fn)
+    mod = Fp8Linear(64, 32, (32, 1))
+    mod.load_state_dict({"weight": q, "weight_scale": scale}, assign=True)
+    mod.pack_for_kernels()
+    assert mod.kernel_weight.kernel == "scaled-mm-fp8"
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    out = mod(x)
+    assert out.shape == (2, 5, 32) and out.dtype == torch.bfloat16
+    assert rel(out, F.linear(x.float(), q.float() * scale)) < 0.06          # e4m3 activations: 3 mantissa bits
+
+
 def expert_config(**kw) -> ModelConfig:
     return tiny_config(num_experts=6, top_k_experts=2, hidden_size=64, moe_intermediate_size=64, **kw)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_grouped_experts_match_the_per_expert_loop(bits):
+@pytest.mark.parametrize("bits,kernel", [(4, None), (8, None), (8, "int-mm")])
+def test_grouped_experts_match_the_per_expert_loop(monkeypatch, bits, kernel):
+    if kernel:
+        from blockdiff.quant import kernels
+        monkeypatch.setattr(kernels, "select_int8_kernel", lambda *a: kernel)
     torch.manual_seed(2)
     cfg = expert_config()
     dense = Experts(cfg)

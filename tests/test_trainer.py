@@ -222,3 +222,22 @@ def test_export_writes_a_loadable_model_with_card(corpus, tmp_path):
     assert json.loads((dest / "generation_config.json").read_text()) == {"max_denoising_steps": 7}
     assert '"max_denoising_steps": 7' in card and '"max_steps": 10' in card       # sampler defaults, train config
     assert f"blockdiff export {out} DEST" in card
+
+
+def test_card_recipe_trains_the_runs_it_starts_from():
+    """A fine-tune of a distilled run names, once each, the runs that write its initial weights and teacher."""
+    from blockdiff.config import ModelConfig
+    from blockdiff.train.model_card import CardFacts, model_card
+
+    tc = {"out_dir": "runs/default_kd", "data_dir": "data/distill", "init_from": "runs/default/checkpoint"}
+    distill = {"teacher": "runs/default/checkpoint", "prompt_tokens": 32, "new_tokens": 224, "temperature": 0.6,
+               "batch": 32, "seed": 0, "corpus_dir": "data/corpus"}
+    card = model_card(CardFacts(params=1, config=ModelConfig(**MODEL), dtype="bfloat16", run_dir="runs/default_kd",
+                                train_config=tc, train={}, val={}, throughput=None, manifest=None, distill=distill))
+    recipe = card.split("```sh")[1].split("```")[0]
+    assert recipe.count("blockdiff train configs/default.json    # writes runs/default/checkpoint") == 1
+    assert recipe.index("configs/default.json") < recipe.index("blockdiff distill --teacher runs/default/checkpoint")
+    other = model_card(CardFacts(params=1, config=ModelConfig(**MODEL), dtype="bfloat16", run_dir="r",
+                                 train_config={"init_from": "/x/y"}, train={}, val={}, throughput=None,
+                                 manifest=None, distill=None))
+    assert "# /x/y: the starting weights" in other and "configs/default_ar.json" not in other

@@ -15,6 +15,13 @@ Kernels (CPU, torch's own builds):
 - int4 weight-only (w4a16): `_weight_int4pack_mm_for_cpu`, fast with bf16 activations only, so x is
   cast to bf16 around it; compressed-tensors' stored nibbles (q + 8) pass through unchanged with
   zero = 0. Needs N % 16 == 0 and a group size of 32/64/128/256.
+Kernels (CUDA; the chunk ends of grouped experts are read on the host, one sync per call):
+- w8a8: `torch._int_mm` (cuBLASLt int8 x int8 -> int32) on activations quantized per token to 8 bits;
+  needs K and N multiples of 8, and more than 16 rows (fewer are padded with zero rows).
+- w4a16: `_weight_int4pack_mm` (tinygemm) with bf16 activations; the same symmetric nibbles, zero = 0.
+  Needs N % 8 == 0, K a multiple of 32 and a group size of 32/64/128/256.
+`select_int8_kernel` / `select_int4_kernel` pick the path from the device and the shape; the CUDA int8
+path runs on CPU too (torch's own `_int_mm`), which is how it is tested without a GPU.
 Elsewhere (other devices, shapes the kernels reject) the weight is dequantized per call: correct, and
 slow; `kernel` names the path taken.
 """
@@ -44,6 +51,22 @@ def _prepack_int8(q: torch.Tensor, scale: torch.Tensor):
         return torch.ops.quantized.linear_prepack(wq, None)
 
 
+def select_int8_kernel(device: torch.device, n: int, k: int) -> str:
+    if device.type == "cuda" and n % 8 == 0 and k % 8 == 0:
+        return "int-mm"
+    return "fbgemm-int8" if _cpu_int8_ok(device) else "dequantize"
+
+
+def select_int4_kernel(device: torch.device, n: int, k: int, group: int) -> str:
+    if group not in (32, 64, 128, 256):
+        return "dequantize"
+    if device.type == "cpu" and n % 16 == 0:
+        return "int4pack-cpu"
+    if device.type == "cuda" and n % 8 == 0 and k % 32 == 0:
+        return "int4-tinygemm"
+    return "dequantize"
+
+
 class Int8Weight:
     """E >= 1 int8 weights (N, K) with per-channel scales; activations quantized per token.
     `weights` yields (q (N, K) int8, scale (N, 1)) per expert and is consumed one at a time."""
@@ -51,16 +74,17 @@ class Int8Weight:
     def __init__(self, weights):
         weights = iter(weights)
         q, s = next(weights)
-        self.n, self.device = q.shape[0], q.device
-        if _cpu_int8_ok(self.device):
-            self.kernel = "fbgemm-int8"
+        (self.n, k), self.device = q.shape, q.device
+        self.kernel = select_int8_kernel(self.device, self.n, k)
+        if self.kernel == "fbgemm-int8":
             self.packed = [_prepack_int8(q, s.reshape(-1).float())]
             self.packed += [_prepack_int8(q, s.reshape(-1).float()) for q, s in weights]
             self.reduce_range = not has_vnni()
         else:
-            self.kernel = "dequantize"
             pairs = [(q, s)] + list(weights)
             self.q, self.scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            if self.kernel == "int-mm":
+                self.scale = self.scale.reshape(len(pairs), 1, self.n).float()          # (E, 1, N)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         return self.grouped_mm(x, None)
@@ -68,6 +92,8 @@ class Int8Weight:
     def grouped_mm(self, x: torch.Tensor, ends: torch.Tensor | None) -> torch.Tensor:
         if self.kernel == "dequantize":
             return _dequantized_mm(x, ends, self.n, lambda e: dequantize_weight(self.q[e], self.scale[e].to(x.dtype)))
+        if self.kernel == "int-mm":
+            return self._int_mm_grouped(x, ends)
         dtype = x.dtype
         x = x.float()
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)         # (M, 1) per-token absmax
@@ -87,6 +113,24 @@ class Int8Weight:
         out = torch.ops.quantized.linear_dynamic(torch.cat((rows, anchor)), self.packed[e], self.reduce_range)
         return out[:-1]
 
+    def _int_mm_grouped(self, x: torch.Tensor, ends: torch.Tensor | None) -> torch.Tensor:
+        """Per token: s = absmax / 127, x_q = round(x / s) in int8; out = (x_q @ q.T) * s * scale."""
+        xf = x.float()
+        s = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127                  # (M, 1)
+        xq = torch.round(xf / s).to(torch.int8)
+        if ends is None:
+            out = self._int_mm(0, xq)
+        else:
+            out = _chunked(xq, ends, self.n, self._int_mm, dtype=torch.float32)
+        return (out * s).to(x.dtype)
+
+    def _int_mm(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, K) int8 -> (M, N) fp32 before the activation scale. cuBLASLt wants > 16 rows."""
+        m = rows.shape[0]
+        if m <= 16:
+            rows = F.pad(rows, (0, 0, 0, 17 - m))
+        return torch._int_mm(rows, self.q[e].t())[:m].float() * self.scale[e]
+
 
 class Int4Weight:
     """E int4 weights (N, K) with per-group scales (symmetric, compressed-tensors nibbles).
@@ -98,17 +142,24 @@ class Int4Weight:
             if e == 0:
                 (n, k), g = u.shape, u.shape[1] // s.shape[-1]
                 self.n, self.group, self.device = n, g, u.device
-                fast = self.device.type == "cpu" and n % 16 == 0 and g in (32, 64, 128, 256)
-                self.kernel = "int4pack-cpu" if fast else "dequantize"
-                if fast:
+                self.kernel = select_int4_kernel(self.device, n, k, g)
+                if self.kernel == "int4pack-cpu":
                     self.packed = torch.empty(num, n, k // 2, dtype=torch.uint8)
                     self.scales = torch.empty(num, k // g, n, dtype=torch.bfloat16)       # zeros are all 0
+                elif self.kernel == "int4-tinygemm":
+                    self.packed = []
+                    self.pairs = torch.zeros(num, k // g, n, 2, dtype=torch.bfloat16, device=u.device)
+                    self.inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
                 else:
                     self.q = torch.empty(num, n, k, dtype=torch.int8, device=u.device)
                     self.scale = torch.empty(num, *s.shape, dtype=s.dtype, device=u.device)
             if self.kernel == "int4pack-cpu":
                 self.packed[e] = ATEN._convert_weight_to_int4pack_for_cpu(u.to(torch.int32).contiguous(), 2)
                 self.scales[e] = s.t()                                # zero = 0: w = (u - 8) * scale
+            elif self.kernel == "int4-tinygemm":
+                u8 = (u[:, ::2].to(torch.uint8) << 4) | u[:, 1::2].to(torch.uint8)          # (N, K/2), even k high
+                self.packed.append(ATEN._convert_weight_to_int4pack(u8.contiguous(), self.inner_k_tiles))
+                self.pairs[e, ..., 0] = s.t()                          # zero = 0: w = (u - 8) * scale
             else:
                 self.q[e], self.scale[e] = u.to(torch.int8) - 8, s
 
@@ -119,9 +170,44 @@ class Int4Weight:
         if self.kernel == "dequantize":
             return _dequantized_mm(x, ends, self.n, lambda e: dequantize_weight(self.q[e], self.scale[e].to(x.dtype)))
         xb = x.to(torch.bfloat16)
+        if self.kernel == "int4-tinygemm":
+            def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+                return ATEN._weight_int4pack_mm(rows, self.packed[e], self.group, self.pairs[e])
+            out = expert(0, xb) if ends is None else _chunked(xb, ends, self.n, expert)
+            return out.to(x.dtype)
         if ends is None:
             ends = torch.full((1,), x.shape[0], dtype=torch.long)
         return grouped_int4_mm(xb, self.packed, self.scales, ends, self.group).to(x.dtype)
+
+
+def select_fp8_kernel(device: torch.device, n: int, k: int) -> str:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and n % 16 == 0 and k % 16 == 0:
+        return "scaled-mm-fp8"
+    return "dequantize"
+
+
+class Fp8Weight:
+    """A float8_e4m3fn weight (N, K) with a per-channel (N, 1) or per-tensor (1,) scale. On CUDA with
+    fp8 tensor cores (sm89+) activations are quantized per token to fp8 and `torch._scaled_mm` runs
+    with row-wise scales; elsewhere the weight is dequantized once, to `dtype`."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        (self.n, k), self.device = q.shape, q.device
+        self.kernel = select_fp8_kernel(self.device, self.n, k)
+        if self.kernel == "scaled-mm-fp8":
+            self.q, self.scale = q, scale.float().reshape(1, -1).expand(1, self.n).contiguous()    # (1, N)
+        else:
+            self.dense = (q.float() * scale.float()).to(dtype)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) -> (M, N) in x's dtype."""
+        if self.kernel == "dequantize":
+            return F.linear(x, self.dense.to(x.dtype))
+        xf = x.float()
+        s = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / torch.finfo(torch.float8_e4m3fn).max    # (M, 1)
+        xq = (xf / s).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(xq, self.q.t(), scale_a=s, scale_b=self.scale, out_dtype=torch.bfloat16)
+        return out.to(x.dtype)
 
 
 @torch.library.custom_op("blockdiff::grouped_int4_mm", mutates_args=())
@@ -145,10 +231,10 @@ def _(x, packed, scales, ends, group_size):
     return x.new_empty(x.shape[0], scales.shape[2])
 
 
-def _chunked(x: torch.Tensor, ends: torch.Tensor, n: int, fn) -> torch.Tensor:
-    """Apply fn(e, rows) to each expert's rows of x (M, K) -> (M, N). On CPU the chunk ends are plain
-    memory reads, not a device sync."""
-    out = x.new_empty(x.shape[0], n)
+def _chunked(x: torch.Tensor, ends: torch.Tensor, n: int, fn, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Apply fn(e, rows) to each expert's rows of x (M, K) -> (M, N) in `dtype` (default x's). On CPU
+    the chunk ends are plain memory reads; on CUDA reading them is one device sync per call."""
+    out = x.new_empty(x.shape[0], n, dtype=dtype or x.dtype)
     start = 0
     for e, end in enumerate(ends.tolist()):
         if end > start:

@@ -8,8 +8,8 @@ Contract:
 - After loading, `pack_for_kernels()` converts those buffers into the kernels' layout (`kernels.py`)
   and frees them: from then on a module is inference-only and computes `x @ W.T` with W the
   dequantized weight, within the kernel's rounding. The engine never knows the model is quantized.
-- `Fp8Linear` reads float8 weights with their scales and dequantizes them once to the activation
-  dtype (no fp8 matmul on CPU).
+- `Fp8Linear` reads float8 weights with their scales: fp8 matmuls on CUDA (sm89+), elsewhere
+  dequantized once (no fp8 matmul on CPU).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model.layers import Experts, gelu_tanh
-from .kernels import Int4Weight, Int8Weight
+from .kernels import Fp8Weight, Int4Weight, Int8Weight
 from .scheme import WeightArgs, unpack_int4
 
 
@@ -74,17 +74,22 @@ class Fp8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, scale_shape: tuple[int, ...]):
         super().__init__()
+        self.out_features = out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn))
         self.register_buffer("weight_scale", torch.empty(scale_shape))
-        self.dense: torch.Tensor | None = None
+        self.kernel_weight: Fp8Weight | None = None
 
     def pack_for_kernels(self) -> None:
-        if self.dense is None:
-            self.dense = (self.weight.float() * self.weight_scale.float()).to(self.weight_scale.dtype)
+        if self.kernel_weight is None:
+            self.kernel_weight = Fp8Weight(self.weight, self.weight_scale, self.weight_scale.dtype)
             del self._buffers["weight"], self._buffers["weight_scale"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dense.to(x.dtype))
+        out = self.kernel_weight.mm(x.reshape(-1, x.shape[-1]))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel_weight.kernel if self.kernel_weight else 'not packed'}"
 
 
 class ExpertLinears(nn.Module):

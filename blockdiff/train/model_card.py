@@ -63,8 +63,9 @@ def _recipe(f: CardFacts) -> list[str]:
     tc, data_dir = f.train_config, f.train_config.get("data_dir", "data/corpus")
     corpus = f.distill.get("corpus_dir", "data/corpus") if f.distill else data_dir
     steps = [f"blockdiff data --out {corpus} --install"]
-    if tc.get("init_from"):
-        steps.append(f"blockdiff train configs/default_ar.json      # writes {tc['init_from']}")
+    parents = [tc.get("init_from"), (f.distill or {}).get("teacher")]
+    for parent in dict.fromkeys(p for p in parents if p):          # the runs this one starts from, once each
+        steps.append(_parent_step(parent))
     if f.distill:
         d = f.distill
         steps.append(f"blockdiff distill --teacher {d['teacher']} --corpus {corpus} --out {data_dir} --tokens "
@@ -80,6 +81,15 @@ def _recipe(f: CardFacts) -> list[str]:
     shown = {k: v for k, v in tc.items() if v is not None}
     return (["## Reproduce (from a clean checkout, `pip install -e .`)", "", "```sh", *steps, "```", "",
              "`train.json`, the run's training config:", "", "```json", json.dumps(shown, indent=1), "```", ""])
+
+
+def _parent_step(path: str) -> str:
+    """The command that writes `path`, a run this one starts from: `runs/NAME/checkpoint` is written by
+    `configs/NAME.json` (the repository's convention); any other path is named as given."""
+    parts = path.strip("/").split("/")
+    if len(parts) >= 3 and parts[-3] == "runs" and parts[-1] == "checkpoint":
+        return f"blockdiff train configs/{parts[-2]}.json    # writes {path}"
+    return f"# {path}: the starting weights, made beforehand"
 
 
 def _training(f: CardFacts) -> list[str]:

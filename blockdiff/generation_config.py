@@ -7,6 +7,7 @@ fields of transformers' `DiffusionGemmaGenerationConfig`):
   knobs of the same name; `sampler_config` (an `EntropyBoundSamplerConfig`) -> `entropy_bound`;
 - `temperature`, `top_k`, `top_p` (the usual transformers fields) -> the knobs of the same name:
   temperature multiplies the t_min..t_max schedule (0 = greedy);
+- `min_new_tokens` -> `min_tokens`: end-of-sequence tokens are barred before that many new tokens;
 - `max_new_tokens` -> the `max_tokens` of a request that sets none. It is a default, never a cap:
   a request that asks for more gets more (up to the context length). `max_length` (prompt plus new
   tokens) is not used: the engine's `max_model_len` bounds the total;
@@ -53,8 +54,8 @@ def read_generation_config(path: str | Path) -> GenerationDefaults:
 
 
 def _parse(data: dict) -> GenerationDefaults:
-    known = set(KNOBS) | set(IGNORED) | {"sampler_config", "max_new_tokens", "eos_token_id", "pad_token_id",
-                                         "bos_token_id"}
+    known = set(KNOBS) | set(IGNORED) | {"sampler_config", "max_new_tokens", "min_new_tokens", "eos_token_id",
+                                         "pad_token_id", "bos_token_id"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unsupported field(s) {', '.join(unknown)}")
@@ -65,6 +66,8 @@ def _parse(data: dict) -> GenerationDefaults:
             raise ValueError(f"sampler_config must be an {SAMPLER}, got {sampler!r}")
         if sampler.get("entropy_bound") is not None:
             knobs["entropy_bound"] = sampler["entropy_bound"]
+    if data.get("min_new_tokens") is not None:
+        knobs["min_tokens"] = data["min_new_tokens"]          # validated by SamplingParams
     ids = {}
     for name in ("max_new_tokens", "pad_token_id", "bos_token_id"):
         if data.get(name) is not None:

@@ -102,3 +102,32 @@ def test_eval_samples_with_the_file_and_params_win(model_dir, tmp_path):
     res = evaluate(model_dir, corpus, CountingJudge(), samples=1, max_tokens=16, val_batches=0,
                    params=SamplingParams(max_denoising_steps=6, temperature=0.0))
     assert res["steps"] == 6 and res["sampler"]["temperature"] == 0.0 and res["sampler"]["top_k"] == 7
+
+
+@pytest.mark.parametrize("budget_mb", [256, 0.01])          # materialised vocabulary / streamed in tiles
+def test_min_tokens_bars_end_of_sequence(tmp_path, budget_mb):
+    """The token the model writes first is made an end-of-sequence id: without min_tokens the output
+    ends at once; with it, no end-of-sequence id appears before min_tokens tokens (across canvases)."""
+    path = create_random_model(tmp_path / "m", seed=4)
+    first = LLM(path, max_num_seqs=1, max_model_len=256).generate(
+        [5, 6, 7], SamplingParams(max_tokens=8, seed=0, ignore_eos=True, max_denoising_steps=4))[0].token_ids[0]
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [first], "min_new_tokens": 0}))
+    llm = LLM(path, max_num_seqs=2, max_model_len=256, sampler_memory_mb=budget_mb)
+    canvas = llm.model.config.canvas_length
+    base = SamplingParams(max_tokens=3 * canvas, seed=0, max_denoising_steps=4)
+    ended = llm.generate([5, 6, 7], base)[0]
+    assert ended.finish_reason == "stop" and len(ended.token_ids) == 0
+    n = canvas + 3                                          # bars all of the first canvas and part of the second
+    out = llm.generate([[5, 6, 7], [5, 6, 7]], [SamplingParams(min_tokens=n, seed=s).with_defaults(base)
+                                                  for s in (0, 1)])
+    for o in out:
+        assert len(o.token_ids) >= n and first not in o.token_ids[:n]
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=-1)
+
+
+def test_min_new_tokens_in_the_file_is_the_default(model_dir, tmp_path):
+    path = create_random_model(tmp_path / "m", seed=4)
+    (path / "generation_config.json").write_text(json.dumps({"min_new_tokens": 5}))
+    assert read_generation_config(path).params.min_tokens == 5
+    assert LLM(path, max_num_seqs=1, max_model_len=256).defaults.min_tokens == 5

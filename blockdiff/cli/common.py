@@ -29,6 +29,7 @@ KNOB_FLAGS = {
     "temperature": "multiplies the t-min..t-max temperature schedule; 0 = greedy sampling",
     "top_k": "sample among the k most likely tokens (0 = off)",
     "top_p": "sample from the smallest set of tokens whose probability reaches p (1 = off)",
+    "min_tokens": "no end-of-sequence token before this many new tokens (0 = off)",
     "max_denoising_steps": "maximum denoising steps per canvas",
     "t_min": "temperature at the last step",
     "t_max": "temperature at the first step",
@@ -93,7 +94,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, per_request: bool = True, **o
     built_in = SamplingParams.built_in()
     for name, text in {**(REQUEST_FLAGS if per_request else {}), **KNOB_FLAGS}.items():
         default = overrides.get(name)
-        kind = int if name in ("max_tokens", "top_k", "seed", "max_denoising_steps", "stability_threshold") else float
+        kind = int if name in ("max_tokens", "min_tokens", "top_k", "seed", "max_denoising_steps",
+                               "stability_threshold") else float
         if default is not None:
             shown = default
         elif name == "seed":

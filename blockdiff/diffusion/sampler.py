@@ -42,6 +42,13 @@ class RowKnobs:
 
 
 @dataclass
+class Bar:
+    """Tokens barred at some canvas positions: their ids (the end-of-sequence ids), mask (R, C) bool."""
+    ids: tuple[int, ...]
+    mask: torch.Tensor
+
+
+@dataclass
 class StepOut:
     argmax: torch.Tensor          # (R, C) committed candidate
     next_canvas: torch.Tensor     # (R, C) input of the next step
@@ -143,12 +150,24 @@ def row_temperature(knobs: RowKnobs, step_idx: torch.Tensor) -> torch.Tensor:
     return (knobs.t_min + knobs.t_span * (cur / knobs.max_denoising_steps.to(torch.int32))) * knobs.temp_scale
 
 
+def bar_tokens(logits: torch.Tensor, bar: Bar) -> torch.Tensor:
+    """logits (r, C, V) with the barred ids' raw logits at -inf where bar.mask (r, C) is set: after the
+    softcap they are the lowest value it allows (-cap), so a barred token is never the argmax."""
+    ids = torch.tensor(bar.ids, device=logits.device)
+    cols = logits.index_select(-1, ids).masked_fill(bar.mask[..., None], float("-inf"))
+    return logits.index_copy(-1, ids, cols)
+
+
 def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
-                 core=sampler_core):
+                 core=sampler_core, bar: Bar | None = None):
     """hidden (r, C, H) -> (argmax, sampled, accept, max_prob, soft, entropy) for a tile of rows.
-    `core`: `sampler_core`, `eager_sampler_core(model)` or `compiled_sampler_core()`."""
+    `core`: `sampler_core`, `eager_sampler_core(model)` or `compiled_sampler_core()`; `bar`: tokens
+    barred at some positions (a request's min_tokens)."""
     w = model.embed_tokens.weight[:]           # the whole (V, H) matrix (dequantized if int8)
-    proc, probs, argmax, max_prob, ent = core(torch.nn.functional.linear(hidden, w), row_temperature(knobs, step_idx),
+    logits = torch.nn.functional.linear(hidden, w)
+    if bar is not None:
+        logits = bar_tokens(logits, bar)
+    proc, probs, argmax, max_prob, ent = core(logits, row_temperature(knobs, step_idx),
                                                 model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
         if (use_k or use_p) else probs
@@ -160,11 +179,12 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
 
 
 def denoise_tile_streamed(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
-                          budget_bytes: int):
+                          budget_bytes: int, bar: Bar | None = None):
     """`denoise_tile` with the vocabulary streamed in tiles (see `vocab_stream.py`): the same outputs,
     and no (r, C, V) tensor. Positions of all r rows share each tile of the embedding matrix."""
     (r, c, hidden_size), w = hidden.shape, model.embed_tokens.weight
-    head = Head(w, model.config.final_logit_softcapping, model_softcap_table(model), slow_half_matmul(w))
+    head = Head(w, model.config.final_logit_softcapping, model_softcap_table(model), slow_half_matmul(w),
+                *((bar.mask.reshape(-1), bar.ids) if bar is not None else ()))
     h, temp = hidden.reshape(r * c, hidden_size), row_temperature(knobs, step_idx).repeat_interleave(c)
     tile = tile_width(r * c, w.shape[0], min(TILE_BYTES, budget_bytes // 4))
     stats = stream_vocab(head, h, temp, tile)
@@ -198,12 +218,13 @@ def streamed_rows_per_tile(canvas: int, vocab: int, hidden: int, budget_bytes: i
 
 def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, budget_bytes: int,
                  use_k: bool = False, use_p: bool = False, core=sampler_core,
-                 tile_step=None, stream: bool | None = None) -> tuple[StepOut, torch.Tensor]:
+                 tile_step=None, stream: bool | None = None, bar: Bar | None = None) -> tuple[StepOut, torch.Tensor]:
     """All rows in tiles. history (R, S_max, C) previous argmax canvases (-1 filled at canvas start).
     `tile_step`: a function with `denoise_tile`'s signature and results (the vocabulary-parallel one
     of tensor parallelism); None: the vocabulary streamed (`denoise_tile_streamed`) or materialised
     per row tile (`denoise_tile`, with `core`), as `stream` says (None chooses by `streams`).
-    Returns the step outputs and the updated history."""
+    `bar`: tokens barred at some positions (not with `tile_step`). Returns the step outputs and the
+    updated history."""
     r, c, hidden_size = hidden.shape
     vocab = model.config.vocab_size
     stream = streams(c, vocab, budget_bytes) if stream is None else stream
@@ -219,7 +240,8 @@ def denoise_rows(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, history, 
     for lo in range(0, r, tile):
         sl = slice(lo, lo + tile)
         sub = RowKnobs(*(getattr(knobs, f)[sl] for f in RowKnobs.__dataclass_fields__))
-        parts.append(step(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p))
+        extra = {} if bar is None else {"bar": Bar(bar.ids, bar.mask[sl])}
+        parts.append(step(model, hidden[sl], sub, step_idx[sl], canvas_idx[sl], use_k, use_p, **extra))
     argmax, sampled, accept, conf, soft, ent = (torch.cat(x) for x in zip(*parts))
     noise = hash_tokens(knobs.seed, canvas_idx, step_idx, RENOISE, c, model.config.vocab_size)
     next_canvas = torch.where(accept, sampled, noise)

@@ -54,6 +54,10 @@ class Head:
     # the products to the weight dtype, as the 16-bit kernel does (that kernel is a slow fallback
     # there: 20-30x slower for the soft embedding's (P, T) x (T, H) product)
     upcast: bool = False
+    # barred tokens (a request's min_tokens): raw logit -inf for `bar_ids` at the positions where
+    # `bar_mask` (P,) is set, as the materialised step's `bar_tokens` does
+    bar_mask: torch.Tensor | None = None
+    bar_ids: tuple[int, ...] = ()
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b in the weight dtype (a, b in that dtype)."""
@@ -76,9 +80,17 @@ class Head:
         """Processed logits of tokens [lo, lo + T) into out (P, T) fp32."""
         w = self.weight[lo:lo + out.shape[1]]
         if w.dtype == torch.float32:
-            self.process(torch.mm(h, w.t(), out=out), temp)
+            self.process(self.bar(torch.mm(h, w.t(), out=out), lo), temp)
         else:
-            out.copy_(self.process(self.mm(h, w.t()), temp))
+            out.copy_(self.process(self.bar(self.mm(h, w.t()), lo), temp))
+
+    def bar(self, x: torch.Tensor, lo: int) -> torch.Tensor:
+        """Raw logits (P, T) of tokens [lo, lo + T) with the barred ids at -inf where barred (in place)."""
+        if self.bar_mask is not None:
+            for i in self.bar_ids:
+                if lo <= i < lo + x.shape[1]:
+                    x[:, i - lo].masked_fill_(self.bar_mask, float("-inf"))
+        return x
 
 
 @dataclass
@@ -146,6 +158,9 @@ def block_masses(head: Head, h: torch.Tensor, temp: torch.Tensor, b: torch.Tenso
         hi = min(lo + chunk, p)
         rows = w[ids[lo:hi].clamp(max=v - 1)]                                        # (q, BLOCK, H)
         x = torch.bmm(h[lo:hi, None, :].expand(hi - lo, 4, hidden).contiguous(), rows.transpose(1, 2))[:, 0]
+        if head.bar_mask is not None:
+            barred = torch.isin(ids[lo:hi], torch.tensor(head.bar_ids, device=h.device))
+            x.masked_fill_(head.bar_mask[lo:hi, None] & barred, float("-inf"))
         y[lo:hi] = head.process(x, temp[lo:hi])
     return torch.exp(y - m[:, None]).masked_fill_(ids >= v, 0.0)
 

@@ -95,6 +95,8 @@ class LLM:
         eos_ids = set(cfg.eos_ids) | set(self.generation.eos_token_ids) | set(
             self.tokenizer.eos_ids if self.tokenizer else ())
         self.output = OutputProcessor(self._decode, eos_ids, self._decode_token)
+        if isinstance(self.runner, ModelRunner):
+            self.runner.eos_ids = tuple(sorted(eos_ids))
         self._grammars = None                   # structured.grammar.GrammarCompiler, built on first use
         self.inputs = InputProcessor.for_model(self.tokenizer, cfg, source, max_images_per_prompt,
                                                allowed_local_media_path)
@@ -166,6 +168,8 @@ class LLM:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"duplicate request_id {request_id!r}")
+        if params.min_tokens and not isinstance(self.runner, ModelRunner):
+            raise ValueError("min_tokens is not supported with tensor parallelism; pass min_tokens=0")
         seed = params.seed if params.seed is not None else random.randrange(2**62)
         keys = prefix_keys(ids, inputs.images, self.model.config.image_token_id) if inputs.images else None
         req = Request(request_id, ids, params, seed, prompt=text, frames=frames, images=inputs.images,

@@ -1,6 +1,6 @@
 """Requests, per-request sampling parameters and outputs. Plain Python: no torch here.
 
-- `SamplingParams`: the usual fields (max_tokens, temperature, top_k, top_p, stop, seed) plus the
+- `SamplingParams`: the usual fields (max_tokens, min_tokens, temperature, top_k, top_p, stop, seed) plus the
   diffusion knobs; invalid values raise `ValueError` naming the field. `max_tokens` and the knobs
   may be left unset (None): the engine fills them at admission (see `diffusion/params.py`).
   `json_schema` / `regex` / `json_object` constrain the output (see `structured/`).
@@ -33,6 +33,7 @@ class SamplingParams(DiffusionParams):
     stop: tuple[str, ...] = ()
     seed: int | None = None           # None: drawn by the engine
     ignore_eos: bool = False
+    min_tokens: int | None = None     # end-of-sequence tokens are barred before this many tokens (0 = off)
     # structured output (at most one): a JSON schema (dict or JSON text; kept as JSON text), a
     # regular expression, or any JSON object. The output then matches it whenever it ends in "stop".
     json_schema: dict | str | None = None
@@ -56,6 +57,8 @@ class SamplingParams(DiffusionParams):
         if self.seed is not None:
             check_int(self.seed, "seed", 0)
         check_bool(self.ignore_eos, "ignore_eos")
+        if self.min_tokens is not None:
+            check_int(self.min_tokens, "min_tokens", 0)
         if self.logprobs is not None:
             check_int(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
         self._check_structured()
@@ -94,7 +97,7 @@ class SamplingParams(DiffusionParams):
     @classmethod
     def built_in(cls) -> SamplingParams:
         """Every field at its built-in default: the last layer a request is resolved against."""
-        return cls(max_tokens=BUILT_IN_MAX_TOKENS, top_k=0, top_p=1.0).with_defaults(BUILT_IN)
+        return cls(max_tokens=BUILT_IN_MAX_TOKENS, top_k=0, top_p=1.0, min_tokens=0).with_defaults(BUILT_IN)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..diffusion.logprobs import committed_logprobs
-from ..diffusion.sampler import (RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core,
+from ..diffusion.sampler import (Bar, RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core,
                                  row_temperature)
 from ..diffusion.noise import INIT, hash_tokens
 from ..diffusion.params import MAX_STABILITY
@@ -46,6 +46,12 @@ def knob_values(p: SamplingParams, seed: int) -> dict:
             "temp_scale": 1.0 if p.temperature in (0, 1) else p.temperature, "greedy": p.temperature == 0,
             "entropy_bound": p.entropy_bound, "confidence_threshold": p.confidence_threshold,
             "stability_threshold": p.stability_threshold, "fixed_steps": p.fixed_steps, "top_k": p.top_k, "top_p": p.top_p, "seed": seed}
+
+
+def min_tokens(p: SamplingParams) -> int:
+    """The tokens before which end-of-sequence ids are barred: none where they end nothing (ignore_eos)
+    or where a grammar decides the end (structured output)."""
+    return 0 if p.ignore_eos or p.grammar is not None else (p.min_tokens or 0)
 
 
 def _fail(request: Request, result: StepResult) -> None:
@@ -73,11 +79,14 @@ class ModelRunner:
         self.sampler_core = compiled_sampler_core() if compile_sampler else eager_sampler_core(model)
         self.tile_step, self.shard = tile_step, shard
         self.guide_constraints = True       # pin each constrained row's grammar frontier between steps
+        self.min_tokens = torch.zeros(num_slots, dtype=torch.long, device=dev)
+        self.eos_ids: tuple[int, ...] = ()  # barred before a row's min_tokens (set by the engine)
 
     # ---- per-slot lifecycle -------------------------------------------------------------------
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:
         for k, v in knob_values(params, seed).items():
             self.knobs[k][slot] = v
+        self.min_tokens[slot] = min_tokens(params)
         self.canvas_idx[slot] = -1
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
@@ -179,7 +188,9 @@ class ModelRunner:
     def _denoise_into(self, requests: list[Request], result: StepResult) -> None:
         use_k = any(r.params.top_k > 0 for r in requests)
         use_p = any(r.params.top_p < 1 for r in requests)
-        out, done, hidden = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p)
+        bar = bool(self.eos_ids) and any(min_tokens(r.params) > 0 for r in requests)
+        out, done, hidden = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p,
+                                         bar)
         rows = [i for i, d in enumerate(done) if d]
         if rows:
             for i, tokens in zip(rows, out.argmax[rows].tolist()):
@@ -235,10 +246,12 @@ class ModelRunner:
 
     # ---- the hot path ---------------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False
+    def denoise(self, slots: list[int], lengths: list[int], use_k=False, use_p=False, bar=False
                 ) -> tuple[StepOut, list[bool], torch.Tensor]:
         """One denoising step for `slots` whose contexts have `lengths`; returns the step's outputs,
-        'canvas done' per row and the decoder's hidden states (R, C, H) (for constrained commits)."""
+        'canvas done' per row and the decoder's hidden states (R, C, H) (for constrained commits).
+        `bar`: bar the end-of-sequence ids at positions before a row's min_tokens (canvas k of a
+        request holds its new tokens k*C .. k*C + C - 1)."""
         idx = torch.tensor(slots, device=self.device)
         lens = torch.tensor(lengths, device=self.device)
         positions = lens[:, None] + torch.arange(self.c, device=self.device)
@@ -246,8 +259,13 @@ class ModelRunner:
                                 self.model.dtype)
         hidden = self.model.denoise_with(self.canvas[idx], positions, ctx, self.soft[idx])
         knobs = self.row_knobs(idx)
+        barred = None
+        if bar:
+            new = self.canvas_idx[idx, None] * self.c + torch.arange(self.c, device=self.device)     # (R, C)
+            barred = Bar(self.eos_ids, new < self.min_tokens[idx, None])
         out, history = denoise_rows(self.model, hidden, knobs, self.step_idx[idx], self.canvas_idx[idx],
-                                    self.history[idx], self.budget, use_k, use_p, self.sampler_core, self.tile_step)
+                                    self.history[idx], self.budget, use_k, use_p, self.sampler_core, self.tile_step,
+                                    bar=barred)
         self.canvas[idx], self.soft[idx], self.history[idx] = out.next_canvas, out.soft, history
         self.step_idx[idx] += 1
         done = out.stop | (self.step_idx[idx] >= knobs.max_denoising_steps)

@@ -13,7 +13,7 @@ pydantic model or raises `ApiError` (status 400) whose message names the offendi
   (0..20; N > 0 without `logprobs: true` is a 400, as OpenAI).
 - The diffusion knobs are extra top-level fields with the names of `SamplingParams`
   (max_denoising_steps, fixed_steps, entropy_bound, t_min, t_max, confidence_threshold,
-  stability_threshold, top_k, ignore_eos). The openai client sends them with `extra_body={...}`.
+  stability_threshold, top_k, ignore_eos, min_tokens). The openai client sends them with `extra_body={...}`.
 - `blockdiff_frames: {"max_fps": 20}` asks a streaming request for live denoising frames.
 - Chat content parts are `text` and `image_url` (`{"url": "data:image/png;base64,..."}`); what an
   image URL may be is checked when the prompt is built (plan.py), not here.
@@ -46,7 +46,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "functions": ([],),
     "function_call": ("none",), "parallel_tool_calls": (True, False), "store": (False,),
     "metadata": ({},), "modalities": (["text"],), "audio": (), "prediction": (), "reasoning_effort": (),
-    "web_search_options": (), "service_tier": ("auto", "default"), "min_p": (0,), "min_tokens": (0,),
+    "web_search_options": (), "service_tier": ("auto", "default"), "min_p": (0,),
 }
 
 
@@ -137,6 +137,7 @@ class _Common(_Strict):
     # (bounds: what the engine runs, and the int64 / float32 tensors the values land in)
     top_k: int | None = Field(None, ge=0, le=INT64_MAX)
     ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0, le=INT64_MAX)      # vLLM's: no end-of-sequence before this many
     max_denoising_steps: int | None = Field(None, ge=1, le=MAX_DENOISING_STEPS)
     fixed_steps: bool | None = None
     entropy_bound: float | None = Field(None, gt=0, le=FLOAT32_MAX)
@@ -151,7 +152,7 @@ class _Common(_Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
-KNOBS = ("temperature", "top_p", "top_k", "ignore_eos", "max_denoising_steps", "fixed_steps", "entropy_bound",
+KNOBS = ("temperature", "top_p", "top_k", "ignore_eos", "min_tokens", "max_denoising_steps", "fixed_steps", "entropy_bound",
          "t_min", "t_max", "confidence_threshold", "stability_threshold")
 
 

@@ -66,7 +66,7 @@ def test_config_validation_names_the_field(tmp_path, overrides, message):
 
 
 def test_config_files_in_repo_are_valid():
-    for name in ("tiny", "default", "default_ar", "default_distill", "default_adapt"):
+    for name in ("tiny", "default", "default_ar", "default_kd"):
         cfg = TrainConfig.from_file(ROOT / "configs" / f"{name}.json")
         assert cfg.model_config().vocab_size >= 256
 

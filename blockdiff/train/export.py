@@ -37,7 +37,8 @@ def export_run(run_dir: Path, dest: Path, dtype: str = "bfloat16", corpus_dir: P
     rates = [r["tok_per_s"] for r in train if r.get("tok_per_s")]
     train_config = json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {})
     data_meta = Path(train_config.get("data_dir", "")) / "meta.json"
-    distill = json.loads(data_meta.read_text()).get("distill") if data_meta.is_file() else None
+    meta = json.loads(data_meta.read_text()) if data_meta.is_file() else {}
+    distill = {**meta["distill"], "tokens": meta["splits"]["train"]["tokens"]} if "distill" in meta else None
     gen_file = dest / "generation_config.json"
     facts = CardFacts(
         params=sum(p.numel() for p in model.parameters()), config=model.config, dtype=dtype, run_dir=str(run_dir),

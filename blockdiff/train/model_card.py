@@ -35,8 +35,12 @@ class CardFacts:
 def model_card(f: CardFacts) -> str:
     cfg = f.config
     lines = [f"# blockdiff default model ({f.params / 1e6:.1f}M parameters, {f.dtype})", "",
-             "A small DiffusionGemma-architecture block-diffusion language model trained from scratch by the "
-             "blockdiff project on public-domain and permissively licensed text.", "",
+             "A small DiffusionGemma-architecture block-diffusion language model trained by the blockdiff project "
+             "on public-domain and permissively licensed text" + (
+                 f", starting from the weights of {f.train_config['init_from']} (see Reproduce)"
+                 if f.train_config.get("init_from") else " from scratch")
+             + (", on text written by an AR teacher from prompts of that text (sequence-level distillation)"
+                if f.distill else "") + ".", "",
              "## Architecture", "",
              f"vocab {cfg.vocab_size} (byte-level BPE), hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
              f"({', '.join(cfg.layer_types)}), {cfg.num_attention_heads} heads, {cfg.num_experts} experts top-"
@@ -69,7 +73,7 @@ def _recipe(f: CardFacts) -> list[str]:
     if f.distill:
         d = f.distill
         steps.append(f"blockdiff distill --teacher {d['teacher']} --corpus {corpus} --out {data_dir} --tokens "
-                     f"TOKENS --prompt-tokens {d['prompt_tokens']} --new-tokens {d['new_tokens']} --temperature "
+                     f"{d.get('tokens', 'TOKENS')} --prompt-tokens {d['prompt_tokens']} --new-tokens {d['new_tokens']} --temperature "
                      f"{d['temperature']} --batch {d['batch']} --seed {d['seed']}")
     ev = f.evaluation or {}
     ship = " --generation-config generation_config.json" if f.generation else ""

@@ -126,7 +126,7 @@ def test_min_tokens_bars_end_of_sequence(tmp_path, budget_mb):
         SamplingParams(min_tokens=-1)
 
 
-def test_min_new_tokens_in_the_file_is_the_default(model_dir, tmp_path):
+def test_min_new_tokens_in_the_file_is_the_default(tmp_path):
     path = create_random_model(tmp_path / "m", seed=4)
     (path / "generation_config.json").write_text(json.dumps({"min_new_tokens": 5}))
     assert read_generation_config(path).params.min_tokens == 5

@@ -20,7 +20,7 @@ import torch
 from ..hardware import auto_dtype
 from .noise import RENOISE, hash_tokens, hash_uniform, inverse_cdf_sample
 from .acceptance import entropy_bound_accept
-from .vocab_stream import BLOCK, TILE_BYTES, Head, sample_from_blocks, stream_vocab, tile_width
+from .vocab_stream import BLOCK, TILE_BYTES, Head, bar_columns, sample_from_blocks, stream_vocab, tile_width
 from .vocab_top import kept_blocks, top_threshold
 
 
@@ -150,14 +150,6 @@ def row_temperature(knobs: RowKnobs, step_idx: torch.Tensor) -> torch.Tensor:
     return (knobs.t_min + knobs.t_span * (cur / knobs.max_denoising_steps.to(torch.int32))) * knobs.temp_scale
 
 
-def bar_tokens(logits: torch.Tensor, bar: Bar) -> torch.Tensor:
-    """logits (r, C, V) with the barred ids' raw logits at -inf where bar.mask (r, C) is set: after the
-    softcap they are the lowest value it allows (-cap), so a barred token is never the argmax."""
-    ids = torch.tensor(bar.ids, device=logits.device)
-    cols = logits.index_select(-1, ids).masked_fill(bar.mask[..., None], float("-inf"))
-    return logits.index_copy(-1, ids, cols)
-
-
 def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bool, use_p: bool,
                  core=sampler_core, bar: Bar | None = None):
     """hidden (r, C, H) -> (argmax, sampled, accept, max_prob, soft, entropy) for a tile of rows.
@@ -166,7 +158,7 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
     w = model.embed_tokens.weight[:]           # the whole (V, H) matrix (dequantized if int8)
     logits = torch.nn.functional.linear(hidden, w)
     if bar is not None:
-        logits = bar_tokens(logits, bar)
+        bar_columns(logits, 0, bar.mask, bar.ids)
     proc, probs, argmax, max_prob, ent = core(logits, row_temperature(knobs, step_idx),
                                                 model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
@@ -184,7 +176,7 @@ def denoise_tile_streamed(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, 
     and no (r, C, V) tensor. Positions of all r rows share each tile of the embedding matrix."""
     (r, c, hidden_size), w = hidden.shape, model.embed_tokens.weight
     head = Head(w, model.config.final_logit_softcapping, model_softcap_table(model), slow_half_matmul(w),
-                *((bar.mask.reshape(-1), bar.ids) if bar is not None else ()))
+                bar_mask=None if bar is None else bar.mask.reshape(-1), bar_ids=() if bar is None else bar.ids)
     h, temp = hidden.reshape(r * c, hidden_size), row_temperature(knobs, step_idx).repeat_interleave(c)
     tile = tile_width(r * c, w.shape[0], min(TILE_BYTES, budget_bytes // 4))
     stats = stream_vocab(head, h, temp, tile)

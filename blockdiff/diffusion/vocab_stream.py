@@ -55,7 +55,7 @@ class Head:
     # there: 20-30x slower for the soft embedding's (P, T) x (T, H) product)
     upcast: bool = False
     # barred tokens (a request's min_tokens): raw logit -inf for `bar_ids` at the positions where
-    # `bar_mask` (P,) is set, as the materialised step's `bar_tokens` does
+    # `bar_mask` (P,) is set (`bar_columns`), as in the materialised step
     bar_mask: torch.Tensor | None = None
     bar_ids: tuple[int, ...] = ()
 
@@ -85,12 +85,17 @@ class Head:
             out.copy_(self.process(self.bar(self.mm(h, w.t()), lo), temp))
 
     def bar(self, x: torch.Tensor, lo: int) -> torch.Tensor:
-        """Raw logits (P, T) of tokens [lo, lo + T) with the barred ids at -inf where barred (in place)."""
-        if self.bar_mask is not None:
-            for i in self.bar_ids:
-                if lo <= i < lo + x.shape[1]:
-                    x[:, i - lo].masked_fill_(self.bar_mask, float("-inf"))
-        return x
+        return x if self.bar_mask is None else bar_columns(x, lo, self.bar_mask, self.bar_ids)
+
+
+def bar_columns(x: torch.Tensor, lo: int, mask: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """Raw logits x (..., T) of tokens [lo, lo + T): those of `ids` set to -inf where mask (x's leading
+    shape) is set, in place. After the softcap a barred id has the lowest logit it allows (-cap), so
+    it is never the argmax. Only the columns of `ids` inside the slice are touched."""
+    for i in ids:
+        if lo <= i < lo + x.shape[-1]:
+            x[..., i - lo].masked_fill_(mask, float("-inf"))
+    return x
 
 
 @dataclass

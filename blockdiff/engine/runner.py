@@ -48,7 +48,7 @@ def knob_values(p: SamplingParams, seed: int) -> dict:
             "stability_threshold": p.stability_threshold, "fixed_steps": p.fixed_steps, "top_k": p.top_k, "top_p": p.top_p, "seed": seed}
 
 
-def min_tokens(p: SamplingParams) -> int:
+def min_tokens_of(p: SamplingParams) -> int:
     """The tokens before which end-of-sequence ids are barred: none where they end nothing (ignore_eos)
     or where a grammar decides the end (structured output)."""
     return 0 if p.ignore_eos or p.grammar is not None else (p.min_tokens or 0)
@@ -86,7 +86,7 @@ class ModelRunner:
     def assign(self, slot: int, params: SamplingParams, seed: int) -> None:
         for k, v in knob_values(params, seed).items():
             self.knobs[k][slot] = v
-        self.min_tokens[slot] = min_tokens(params)
+        self.min_tokens[slot] = min_tokens_of(params)
         self.canvas_idx[slot] = -1
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
@@ -188,7 +188,8 @@ class ModelRunner:
     def _denoise_into(self, requests: list[Request], result: StepResult) -> None:
         use_k = any(r.params.top_k > 0 for r in requests)
         use_p = any(r.params.top_p < 1 for r in requests)
-        bar = bool(self.eos_ids) and any(min_tokens(r.params) > 0 for r in requests)
+        # only while some row's canvas still holds positions before its min_tokens (canvases are whole)
+        bar = bool(self.eos_ids) and any(len(r.output_ids) < min_tokens_of(r.params) for r in requests)
         out, done, hidden = self.denoise([r.slot for r in requests], [r.context_len for r in requests], use_k, use_p,
                                          bar)
         rows = [i for i, d in enumerate(done) if d]

@@ -51,6 +51,12 @@ def _prepack_int8(q: torch.Tensor, scale: torch.Tensor):
         return torch.ops.quantized.linear_prepack(wq, None)
 
 
+def token_scales(x: torch.Tensor, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (x in fp32, (M, 1) per-token scales absmax / qmax): activations quantized per token."""
+    xf = x.float()
+    return xf, xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / qmax
+
+
 def select_int8_kernel(device: torch.device, n: int, k: int) -> str:
     if device.type == "cuda" and n % 8 == 0 and k % 8 == 0:
         return "int-mm"
@@ -95,8 +101,7 @@ class Int8Weight:
         if self.kernel == "int-mm":
             return self._int_mm_grouped(x, ends)
         dtype = x.dtype
-        x = x.float()
-        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)         # (M, 1) per-token absmax
+        x, s = token_scales(x, 1.0)                                  # s: (M, 1) per-token absmax
         xs = x / s
         if ends is None:
             out = self._linear(xs, 0)
@@ -115,8 +120,7 @@ class Int8Weight:
 
     def _int_mm_grouped(self, x: torch.Tensor, ends: torch.Tensor | None) -> torch.Tensor:
         """Per token: s = absmax / 127, x_q = round(x / s) in int8; out = (x_q @ q.T) * s * scale."""
-        xf = x.float()
-        s = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127                  # (M, 1)
+        xf, s = token_scales(x, 127)
         xq = torch.round(xf / s).to(torch.int8)
         if ends is None:
             out = self._int_mm(0, xq)
@@ -203,8 +207,7 @@ class Fp8Weight:
         """x (M, K) -> (M, N) in x's dtype."""
         if self.kernel == "dequantize":
             return F.linear(x, self.dense.to(x.dtype))
-        xf = x.float()
-        s = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / torch.finfo(torch.float8_e4m3fn).max    # (M, 1)
+        xf, s = token_scales(x, torch.finfo(torch.float8_e4m3fn).max)
         xq = (xf / s).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(xq, self.q.t(), scale_a=s, scale_b=self.scale, out_dtype=torch.bfloat16)
         return out.to(x.dtype)

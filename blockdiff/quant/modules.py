@@ -32,7 +32,18 @@ def ct_buffers(out_features: int, in_features: int, args: WeightArgs) -> dict[st
             "weight_scale": torch.empty(n, k // g), "weight_shape": torch.empty(2, dtype=torch.int64)}
 
 
-class QuantLinear(nn.Module):
+class KernelLinear(nn.Module):
+    """A linear computed by `kernel_weight` (a `kernels.py` weight, built by `pack_for_kernels`)."""
+    out_features: int
+    kernel_weight: Int8Weight | Int4Weight | Fp8Weight | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in x's dtype."""
+        out = self.kernel_weight.mm(x.reshape(-1, x.shape[-1]))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class QuantLinear(KernelLinear):
     def __init__(self, in_features: int, out_features: int, args: WeightArgs):
         super().__init__()
         self.in_features, self.out_features, self.args = in_features, out_features, args
@@ -59,17 +70,12 @@ class QuantLinear(nn.Module):
             self.kernel_weight = Int8Weight([pair]) if self.args.bits == 8 else Int4Weight(1, [pair])
             self.release_ct()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> (..., N) in x's dtype."""
-        out = self.kernel_weight.mm(x.reshape(-1, x.shape[-1]))
-        return out.reshape(*x.shape[:-1], self.out_features)
-
     def extra_repr(self) -> str:
         kernel = self.kernel_weight.kernel if self.kernel_weight else "not packed"
         return f"in={self.in_features}, out={self.out_features}, {self.args}, kernel={kernel}"
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(KernelLinear):
     """float8_e4m3fn weight (N, K) with a per-channel (N, 1) or per-tensor (1,) scale."""
 
     def __init__(self, in_features: int, out_features: int, scale_shape: tuple[int, ...]):
@@ -83,10 +89,6 @@ class Fp8Linear(nn.Module):
         if self.kernel_weight is None:
             self.kernel_weight = Fp8Weight(self.weight, self.weight_scale, self.weight_scale.dtype)
             del self._buffers["weight"], self._buffers["weight_scale"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.kernel_weight.mm(x.reshape(-1, x.shape[-1]))
-        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel_weight.kernel if self.kernel_weight else 'not packed'}"

@@ -146,7 +146,7 @@ def _sampling_params(req, max_tokens: int, index: int, defaults: SamplingParams 
         return params.with_defaults(defaults or SamplingParams.built_in())
     except ValueError as e:          # cross-field rules, e.g. t_max > t_min: the message names the field
         field = str(e).split()[0]
-        param = field if field in KNOBS + ("stop", "ignore_eos") else structured.param if field in (
+        param = field if field in KNOBS + ("stop",) else structured.param if field in (
             "json_schema", "json_object") else None
         raise ApiError(400, str(e), param=param, code="invalid_value") from None
 

@@ -2,7 +2,8 @@
 default dtype for the device (bf16 where it has fast bf16, else fp32), measured in one run.
 
 The random-weight checkpoint is written in bf16 (as released models are), quantized with
-`blockdiff quantize`, and both versions run the same requests with fixed denoising steps. Reports
+`blockdiff quantize` (its embedding kept or stored as int8 rows: `embedding`), and both versions run
+the same requests with fixed denoising steps. Reports
 tok/s at batch 1 and 16, their ratios (`quant_speedup_bs1`, `quant_speedup_bs16`), the stored weight
 bytes of both (`weights_bytes`, `weights_bytes_bf16`) and the mean steps per canvas with adaptive
 stopping (does quantization slow convergence?).
@@ -32,14 +33,15 @@ def weights_bytes(path: Path) -> int:
 
 
 def measure_quant(scheme: str, preset: str, root: Path, dtype: torch.dtype, device: str, steps: int,
-                  prompt_len: int, canvases: int, repeat: int) -> dict:
+                  prompt_len: int, canvases: int, repeat: int, embedding: str = "bf16") -> dict:
     from .checkpoint import load_model
     from .engine.engine import LLM
 
     model = build_checkpoint(preset, root / "bf16", torch.bfloat16, device)
     del model
-    pack = quantize(root / "bf16", root / scheme, scheme, progress=False)
-    res = {"quant": scheme, "preset": preset, "dtype": str(dtype).replace("torch.", ""), "device": device,
+    pack = quantize(root / "bf16", root / scheme, scheme, progress=False, embedding=embedding)
+    res = {"quant": scheme, "embedding": embedding, "preset": preset, "dtype": str(dtype).replace("torch.", ""),
+           "device": device,
            "steps": steps, "threads": torch.get_num_threads(),
            "weights_bytes": weights_bytes(pack), "weights_bytes_bf16": weights_bytes(root / "bf16")}
     for label, path in (("base", root / "bf16"), ("quant", pack)):

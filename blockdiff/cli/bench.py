@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
                         "the tok/s of batch-16 JSON-schema requests against free ones on --preset")
     p.add_argument("--seeds", type=int, default=2, help="--structured: seeds per schema (default 2)")
     p.add_argument("--embedding", choices=["bf16", "int8"], default="bf16",
-                   help="the embedding (tied LM head) of the released-shapes run's pack (default bf16)")
+                   help="the embedding (tied LM head) of the pack measured by --quant: bf16 keeps it as "
+                        "stored; int8 stores int8 rows and runs the LM head int8 x int8 (default bf16)")
     p.add_argument("--max-model-len", type=int, default=32768,
                    help="KV cache positions for the released-shapes run (--preset 26b-a4b --quant; default 32768)")
     add_device_flags(p, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,10 +102,10 @@ def measure_quant(args, root: Path) -> int:
     from ..hardware import auto_dtype
     from ..quant.scheme import get_scheme
 
-    get_scheme(args.quant)                         # an unknown scheme fails before any work
+    get_scheme(args.quant).with_embedding(args.embedding)      # an unknown scheme fails before any work
     dtype = auto_dtype(args.device) if args.dtype is None else getattr(torch, args.dtype)
     res = run_quant(args.quant, args.preset, root, dtype, args.device, args.steps, args.prompt_len,
-                    args.canvases, args.repeat)
+                    args.canvases, args.repeat, args.embedding)
     for key in ("weights_bytes", "weights_bytes_bf16", "quant_speedup_bs1", "quant_speedup_bs16"):
         print(f"{key:>20}: {res[key]:.3f}" if isinstance(res[key], float) else f"{key:>20}: {res[key]}")
     print(json.dumps(res, sort_keys=True))

@@ -165,6 +165,6 @@ def committed_logprobs(model, hidden: torch.Tensor, temp: torch.Tensor, ids: tor
                                  min(TILE_BYTES, budget_bytes // 4), **kw)
     parts, tile = [], rows_per_tile(c, w.shape[0], budget_bytes)
     for lo in range(0, r, tile):
-        proc = processed_logits(torch.nn.functional.linear(hidden[lo:lo + tile], w[:]), temp[lo:lo + tile], cap, table)
+        proc = processed_logits(model.lm_head(hidden[lo:lo + tile]), temp[lo:lo + tile], cap, table)
         parts.append(materialised_logprobs(proc.flatten(0, 1), ids[lo:lo + tile].reshape(-1), n))
     return TokenLogprobs(*(torch.cat(x) for x in zip(*((p.logprob, p.rank, p.top_ids, p.top_logprobs) for p in parts))))

@@ -156,7 +156,7 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
     `core`: `sampler_core`, `eager_sampler_core(model)` or `compiled_sampler_core()`; `bar`: tokens
     barred at some positions (a request's min_tokens)."""
     w = model.embed_tokens.weight[:]           # the whole (V, H) matrix (dequantized if int8)
-    logits = torch.nn.functional.linear(hidden, w)
+    logits = model.lm_head(hidden)
     if bar is not None:
         bar_columns(logits, 0, bar.mask, bar.ids)
     proc, probs, argmax, max_prob, ent = core(logits, row_temperature(knobs, step_idx),

@@ -214,13 +214,13 @@ class ModelRunner:
         canvas is committed through the grammar (`Constraint.commit`); a running one gets its grammar
         frontier pinned into the canvas of its next step (`Constraint.guide`). Each repaired position
         costs one (V,) row of logits from `hidden` (R, C, H). A grammar fault fails its request alone."""
-        w = self.model.embed_tokens.weight
+        head, vocab = self.model.lm_head, self.model.config.vocab_size
         for r, tokens, h, finished in zip(requests, argmax, hidden, done):
             try:
                 if finished:
-                    result.finished[r.request_id] = r.constraint.commit(tokens, RowLogits(h, w, self.budget // 4))
+                    result.finished[r.request_id] = r.constraint.commit(tokens, RowLogits(h, head, vocab, self.budget // 4))
                 elif self.guide_constraints:
-                    pins = r.constraint.guide(tokens, RowLogits(h, w, 0))
+                    pins = r.constraint.guide(tokens, RowLogits(h, head, vocab, 0))
                     if pins:
                         self.canvas[r.slot, :len(pins)] = torch.tensor(pins, device=self.device)
             except Exception:                          # noqa: BLE001 - a grammar fault belongs to its request

@@ -208,9 +208,15 @@ class DiffusionGemma(nn.Module):
         ctx = DecodeContext(cache, self.config.sliding_window, self.dtype)
         return self.denoise_with(canvas_ids, positions, ctx, soft_embeds)
 
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Raw tied LM head in the model dtype, (…, H) -> (…, V). An embedding with a head kernel of
+        its own (int8 rows: int8 x int8) computes it; otherwise a matmul with the embedding matrix."""
+        head = getattr(self.embed_tokens, "linear", None)
+        return head(hidden) if head is not None else F.linear(hidden, self.embed_tokens.weight)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head in the model dtype, then an fp32 tanh softcap. (…, H) -> (…, V) fp32."""
-        out = F.linear(hidden, self.embed_tokens.weight[:]).float()
+        out = self.lm_head(hidden).float()
         cap = self.config.final_logit_softcapping
         return torch.tanh(out / cap) * cap if cap else out
 

@@ -9,12 +9,17 @@ tokens, a tensor of ids, or `[:]` for all) returns those rows dequantized, `q * 
 scale's dtype, so every user of the embedding works on dequantized tiles (the streamed LM head and
 soft embedding never dequantize more than a tile) and sees exactly the matrix `dequantize_weight`
 gives. `.dtype`, `.device`, `.shape` and `element_size()` describe that dequantized matrix.
+`linear(hidden)` is the tied LM head on the int8 rows themselves: int8 x int8 with activations
+quantized per token (`kernels.Int8Weight`, packed on first use), within the activations' rounding
+of `hidden @ weight[:].T`. The model's `lm_head` uses it (the materialised sampler step, AR decoding,
+`logits`); the streamed vocabulary step multiplies dequantized tiles.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .kernels import Int8Weight
 from .scheme import unpack_int8
 
 
@@ -53,6 +58,7 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("weight_shape", torch.empty(2, dtype=torch.int64))
         self.q: torch.Tensor | None = None          # after packing, like the other quantized modules'
         self.scale: torch.Tensor | None = None      # kernel weights: plain attributes, not state
+        self.head: Int8Weight | None = None         # the LM head's packed weight, on first `linear`
 
     def pack_for_kernels(self) -> None:
         if self.q is not None:
@@ -64,6 +70,12 @@ class QuantEmbedding(nn.Module):
         self.q, self.scale = unpack_int8(self.weight_packed, self.embedding_dim), self.weight_scale
         for name in ("weight_packed", "weight_scale", "weight_shape"):
             del self._buffers[name]
+
+    def linear(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head: hidden (..., H) -> (..., V) in hidden's dtype, int8 x int8."""
+        if self.head is None:
+            self.head = Int8Weight([(self.q, self.scale.float())])
+        return self.head.mm(hidden.reshape(-1, self.embedding_dim)).reshape(*hidden.shape[:-1], self.num_embeddings)
 
     @property
     def weight(self) -> Int8Rows:

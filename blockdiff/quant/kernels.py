@@ -7,11 +7,13 @@ weights, rows of x sorted by expert with expert e owning rows [ends[e-1], ends[e
 routing produces them): one call, fixed output shape, no host sync in the caller's graph.
 
 Kernels (CPU, torch's own builds):
-- int8 x int8 (w8a8): fbgemm's dynamic linear on per-channel int8 weights. Its activations are
-  quantized over the whole input's range, so each row is divided by its absmax first (and the range
-  pinned to [-1, 1]) and the output multiplied back: per-token quantization, independent of the
-  batch. Without VNNI fbgemm's 8-bit pair products can saturate int16, so there activations keep 7
-  bits (`reduce_range`).
+- int8 x int8 (w8a8): fbgemm's linear on per-channel int8 weights with fp32 input and output
+  (`linear_with_input_q_dq_qweight_dq_output_fp32`), which quantizes its input with one given scale
+  and zero point. Each row is divided by its absmax first, so the input lies in [-1, 1] and one fixed
+  scale serves every call, and the output is multiplied back: per-token quantization, independent of
+  the batch, with no pass to find the input's range. Without VNNI fbgemm's 8-bit pair products can
+  saturate int16, so there activations keep 7 bits (levels 0..128 around the zero point 64: a pair
+  of products stays within int16 for any int8 weights).
 - int4 weight-only (w4a16): `_weight_int4pack_mm_for_cpu`, fast with bf16 activations only, so x is
   cast to bf16 around it; compressed-tensors' stored nibbles (q + 8) pass through unchanged with
   zero = 0. Needs N % 16 == 0 and a group size of 32/64/128/256.
@@ -54,7 +56,8 @@ def _prepack_int8(q: torch.Tensor, scale: torch.Tensor):
 def token_scales(x: torch.Tensor, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> (x in fp32, (M, 1) per-token scales absmax / qmax): activations quantized per token."""
     xf = x.float()
-    return xf, xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / qmax
+    absmax = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_())   # two reads, no |x| copy
+    return xf, absmax.clamp_min_(1e-30) / qmax
 
 
 def select_int8_kernel(device: torch.device, n: int, k: int) -> str:
@@ -85,7 +88,8 @@ class Int8Weight:
         if self.kernel == "fbgemm-int8":
             self.packed = [_prepack_int8(q, s.reshape(-1).float())]
             self.packed += [_prepack_int8(q, s.reshape(-1).float()) for q, s in weights]
-            self.reduce_range = not has_vnni()
+            levels = 127 if not has_vnni() else 255          # unsigned activation levels: 7 or 8 bits
+            self.x_scale, self.x_zero = 2.0 / levels, (levels + 1) // 2   # [-1, 1] onto the levels
         else:
             pairs = [(q, s)] + list(weights)
             self.q, self.scale = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -102,21 +106,17 @@ class Int8Weight:
             return self._int_mm_grouped(x, ends)
         dtype = x.dtype
         x, s = token_scales(x, 1.0)                                  # s: (M, 1) per-token absmax
-        xs = x / s
+        xs = x / s                                                   # every row within [-1, 1]
         if ends is None:
-            out = self._linear(xs, 0)
+            out = self._linear(0, xs)
         else:
-            out = _chunked(xs, ends, self.n, lambda e, rows: self._linear(rows, e))
-        return (out * s).to(dtype)
+            out = _chunked(xs, ends, self.n, self._linear)
+        return out.mul_(s).to(dtype)
 
-    def _linear(self, rows: torch.Tensor, e: int) -> torch.Tensor:
-        """rows (M, K) each within [-1, 1] -> (M, N). fbgemm quantizes over the min/max of the whole
-        input; one anchor row holding -1 and +1 fixes that range to [-1, 1] on every call, so a row's
-        result never depends on the other rows in the batch."""
-        anchor = torch.zeros(1, rows.shape[1], dtype=rows.dtype)
-        anchor[0, 0], anchor[0, -1] = 1.0, -1.0
-        out = torch.ops.quantized.linear_dynamic(torch.cat((rows, anchor)), self.packed[e], self.reduce_range)
-        return out[:-1]
+    def _linear(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, K) fp32 within [-1, 1] -> (M, N) fp32, before the rows' scales."""
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            rows, self.x_scale, self.x_zero, self.packed[e])
 
     def _int_mm_grouped(self, x: torch.Tensor, ends: torch.Tensor | None) -> torch.Tensor:
         """Per token: s = absmax / 127, x_q = round(x / s) in int8; out = (x_q @ q.T) * s * scale."""

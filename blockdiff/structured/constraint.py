@@ -118,19 +118,20 @@ class Constraint:
 
 
 class RowLogits:
-    """`logits_at` for one row: (V,) LM-head logits of position i from hidden (C, H), computed in
-    chunks of positions (a chunk's (k, V) fp32 logits within `budget_bytes`) and only on demand."""
+    """`logits_at` for one row: (V,) LM-head logits of position i from hidden (C, H), computed by
+    `head` ((k, H) -> (k, V), the model's `lm_head`) in chunks of positions (a chunk's (k, V) fp32
+    logits within `budget_bytes`) and only on demand."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, budget_bytes: int):
-        self.hidden, self.weight = hidden, weight
-        self.chunk = max(1, min(hidden.shape[0], budget_bytes // (4 * weight.shape[0])))
+    def __init__(self, hidden: torch.Tensor, head, vocab: int, budget_bytes: int):
+        self.hidden, self.head = hidden, head
+        self.chunk = max(1, min(hidden.shape[0], budget_bytes // (4 * vocab)))
         self.start, self.block = -1, None
 
     def __call__(self, pos: int) -> torch.Tensor:
         start = pos - pos % self.chunk
         if start != self.start:
             self.start = start
-            self.block = torch.nn.functional.linear(self.hidden[start:start + self.chunk], self.weight).float()
+            self.block = self.head(self.hidden[start:start + self.chunk]).float()
         return self.block[pos - start]
 
 

@@ -6,7 +6,7 @@ compressed-tensors names of a weight-only int8 channel-wise (`pack-quantized`) m
 plain name copy; `pack_for_kernels()` unpacks them once to int8 (V, H) (half of bf16) and a float
 (V, 1) scale in the model's dtype. From then on `.weight` is an `Int8Rows`: indexing it (a slice of
 tokens, a tensor of ids, or `[:]` for all) returns those rows dequantized, `q * scale` in the
-scale's dtype, so every user of the embedding works on dequantized tiles (the streamed LM head and
+scale's dtype, so every reader of `.weight` works on dequantized rows (the streamed LM head and
 soft embedding never dequantize more than a tile) and sees exactly the matrix `dequantize_weight`
 gives. `.dtype`, `.device`, `.shape` and `element_size()` describe that dequantized matrix.
 `linear(hidden)` is the tied LM head on the int8 rows themselves: int8 x int8 with activations

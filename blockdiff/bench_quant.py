@@ -3,10 +3,10 @@ default dtype for the device (bf16 where it has fast bf16, else fp32), measured 
 
 The random-weight checkpoint is written in bf16 (as released models are), quantized with
 `blockdiff quantize` (its embedding kept or stored as int8 rows: `embedding`), and both versions run
-the same requests with fixed denoising steps. Reports
-tok/s at batch 1 and 16, their ratios (`quant_speedup_bs1`, `quant_speedup_bs16`), the stored weight
-bytes of both (`weights_bytes`, `weights_bytes_bf16`) and the mean steps per canvas with adaptive
-stopping (does quantization slow convergence?).
+the same requests with fixed denoising steps. Reports tok/s at batch 1 and 16, their ratios
+(`quant_speedup_bs1`, `quant_speedup_bs16`), the stored weight bytes of both (`weights_bytes`,
+`weights_bytes_bf16`) and the mean steps per canvas with adaptive stopping (does quantization slow
+convergence?).
 """
 from __future__ import annotations
 
@@ -41,8 +41,7 @@ def measure_quant(scheme: str, preset: str, root: Path, dtype: torch.dtype, devi
     del model
     pack = quantize(root / "bf16", root / scheme, scheme, progress=False, embedding=embedding)
     res = {"quant": scheme, "embedding": embedding, "preset": preset, "dtype": str(dtype).replace("torch.", ""),
-           "device": device,
-           "steps": steps, "threads": torch.get_num_threads(),
+           "device": device, "steps": steps, "threads": torch.get_num_threads(),
            "weights_bytes": weights_bytes(pack), "weights_bytes_bf16": weights_bytes(root / "bf16")}
     for label, path in (("base", root / "bf16"), ("quant", pack)):
         llm = LLM(load_model(path, dtype, device), tokenizer=None, max_num_seqs=16,

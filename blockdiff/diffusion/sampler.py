@@ -20,7 +20,7 @@ import torch
 from ..hardware import auto_dtype
 from .noise import RENOISE, hash_tokens, hash_uniform, inverse_cdf_sample
 from .acceptance import entropy_bound_accept
-from .vocab_stream import BLOCK, TILE_BYTES, Head, bar_columns, sample_from_blocks, stream_vocab, tile_width
+from .vocab_stream import BLOCK, TILE_BYTES, Bar, Head, sample_from_blocks, stream_vocab, tile_width
 from .vocab_top import kept_blocks, top_threshold
 
 
@@ -39,13 +39,6 @@ class RowKnobs:
     top_k: torch.Tensor           # int64, 0 = off
     top_p: torch.Tensor           # fp32, 1 = off
     seed: torch.Tensor            # int64
-
-
-@dataclass
-class Bar:
-    """Tokens barred at some canvas positions: their ids (the end-of-sequence ids), mask (R, C) bool."""
-    ids: tuple[int, ...]
-    mask: torch.Tensor
 
 
 @dataclass
@@ -158,7 +151,7 @@ def denoise_tile(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, use_k: bo
     w = model.embed_tokens.weight[:]           # the whole (V, H) matrix (dequantized if int8)
     logits = model.lm_head(hidden)
     if bar is not None:
-        bar_columns(logits, 0, bar.mask, bar.ids)
+        bar.apply(logits, 0)
     proc, probs, argmax, max_prob, ent = core(logits, row_temperature(knobs, step_idx),
                                                 model.config.final_logit_softcapping)
     sample_probs = torch.softmax(_filter_top(proc, knobs.top_k, knobs.top_p, use_k, use_p), -1) \
@@ -176,7 +169,7 @@ def denoise_tile_streamed(model, hidden, knobs: RowKnobs, step_idx, canvas_idx, 
     and no (r, C, V) tensor. Positions of all r rows share each tile of the embedding matrix."""
     (r, c, hidden_size), w = hidden.shape, model.embed_tokens.weight
     head = Head(w, model.config.final_logit_softcapping, model_softcap_table(model), slow_half_matmul(w),
-                bar_mask=None if bar is None else bar.mask.reshape(-1), bar_ids=() if bar is None else bar.ids)
+                None if bar is None else Bar(bar.ids, bar.mask.reshape(-1)))
     h, temp = hidden.reshape(r * c, hidden_size), row_temperature(knobs, step_idx).repeat_interleave(c)
     tile = tile_width(r * c, w.shape[0], min(TILE_BYTES, budget_bytes // 4))
     stats = stream_vocab(head, h, temp, tile)

@@ -44,6 +44,23 @@ def tile_width(positions: int, vocab: int, tile_bytes: int = TILE_BYTES) -> int:
 
 
 @dataclass
+class Bar:
+    """Tokens barred at some positions (a request's min_tokens): the end-of-sequence `ids` get raw
+    logit -inf where `mask` (the logits' leading shape: (R, C) materialised, (P,) streamed) is set."""
+    ids: tuple[int, ...]
+    mask: torch.Tensor
+
+    def apply(self, x: torch.Tensor, lo: int) -> torch.Tensor:
+        """Raw logits x (..., T) of tokens [lo, lo + T), in place: only the columns of `ids` inside the
+        slice are touched. After the softcap a barred id has the lowest logit it allows (-cap), so it
+        is never the argmax."""
+        for i in self.ids:
+            if lo <= i < lo + x.shape[-1]:
+                x[..., i - lo].masked_fill_(self.mask, float("-inf"))
+        return x
+
+
+@dataclass
 class Head:
     """What the vocabulary side needs of the model: the tied embedding (V, H), the softcap, and the
     fp32 softcap table of 16-bit logits (None for fp32; see `sampler.softcap_table`)."""
@@ -54,10 +71,7 @@ class Head:
     # the products to the weight dtype, as the 16-bit kernel does (that kernel is a slow fallback
     # there: 20-30x slower for the soft embedding's (P, T) x (T, H) product)
     upcast: bool = False
-    # barred tokens (a request's min_tokens): raw logit -inf for `bar_ids` at the positions where
-    # `bar_mask` (P,) is set (`bar_columns`), as in the materialised step
-    bar_mask: torch.Tensor | None = None
-    bar_ids: tuple[int, ...] = ()
+    bar: Bar | None = None       # barred tokens, mask (P,), as in the materialised step
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a @ b in the weight dtype (a, b in that dtype)."""
@@ -80,22 +94,12 @@ class Head:
         """Processed logits of tokens [lo, lo + T) into out (P, T) fp32."""
         w = self.weight[lo:lo + out.shape[1]]
         if w.dtype == torch.float32:
-            self.process(self.bar(torch.mm(h, w.t(), out=out), lo), temp)
+            self.process(self.barred(torch.mm(h, w.t(), out=out), lo), temp)
         else:
-            out.copy_(self.process(self.bar(self.mm(h, w.t()), lo), temp))
+            out.copy_(self.process(self.barred(self.mm(h, w.t()), lo), temp))
 
-    def bar(self, x: torch.Tensor, lo: int) -> torch.Tensor:
-        return x if self.bar_mask is None else bar_columns(x, lo, self.bar_mask, self.bar_ids)
-
-
-def bar_columns(x: torch.Tensor, lo: int, mask: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
-    """Raw logits x (..., T) of tokens [lo, lo + T): those of `ids` set to -inf where mask (x's leading
-    shape) is set, in place. After the softcap a barred id has the lowest logit it allows (-cap), so
-    it is never the argmax. Only the columns of `ids` inside the slice are touched."""
-    for i in ids:
-        if lo <= i < lo + x.shape[-1]:
-            x[..., i - lo].masked_fill_(mask, float("-inf"))
-    return x
+    def barred(self, x: torch.Tensor, lo: int) -> torch.Tensor:
+        return x if self.bar is None else self.bar.apply(x, lo)
 
 
 @dataclass
@@ -159,13 +163,14 @@ def block_masses(head: Head, h: torch.Tensor, temp: torch.Tensor, b: torch.Tenso
     w, v, (p, hidden) = head.weight, head.weight.shape[0], h.shape
     ids = b[:, None] * BLOCK + torch.arange(BLOCK, device=h.device)                # (P, BLOCK)
     y = torch.empty(p, BLOCK, device=h.device)
+    barred = None if head.bar is None else \
+        head.bar.mask[:, None] & torch.isin(ids, torch.tensor(head.bar.ids, device=h.device))   # (P, BLOCK)
     for lo in range(0, p, chunk):
         hi = min(lo + chunk, p)
         rows = w[ids[lo:hi].clamp(max=v - 1)]                                        # (q, BLOCK, H)
         x = torch.bmm(h[lo:hi, None, :].expand(hi - lo, 4, hidden).contiguous(), rows.transpose(1, 2))[:, 0]
-        if head.bar_mask is not None:
-            barred = torch.isin(ids[lo:hi], torch.tensor(head.bar_ids, device=h.device))
-            x.masked_fill_(head.bar_mask[lo:hi, None] & barred, float("-inf"))
+        if barred is not None:
+            x.masked_fill_(barred[lo:hi], float("-inf"))
         y[lo:hi] = head.process(x, temp[lo:hi])
     return torch.exp(y - m[:, None]).masked_fill_(ids >= v, 0.0)
 

@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 
 from ..diffusion.logprobs import committed_logprobs
-from ..diffusion.sampler import (Bar, RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core,
+from ..diffusion.sampler import (RowKnobs, StepOut, compiled_sampler_core, denoise_rows, eager_sampler_core,
                                  row_temperature)
+from ..diffusion.vocab_stream import Bar
 from ..diffusion.noise import INIT, hash_tokens
 from ..diffusion.params import MAX_STABILITY
 from ..image_prompt import image_spans

@@ -33,7 +33,8 @@ def weights_bytes(path: Path) -> int:
 
 
 def measure_quant(scheme: str, preset: str, root: Path, dtype: torch.dtype, device: str, steps: int,
-                  prompt_len: int, canvases: int, repeat: int, embedding: str = "bf16") -> dict:
+                  prompt_len: int, canvases: int, repeat: int, embedding: str = "bf16",
+                  compile: bool | None = None) -> dict:
     from .checkpoint import load_model
     from .engine.engine import LLM
 
@@ -45,7 +46,8 @@ def measure_quant(scheme: str, preset: str, root: Path, dtype: torch.dtype, devi
            "weights_bytes": weights_bytes(pack), "weights_bytes_bf16": weights_bytes(root / "bf16")}
     for label, path in (("base", root / "bf16"), ("quant", pack)):
         llm = LLM(load_model(path, dtype, device), tokenizer=None, max_num_seqs=16,
-                  max_model_len=prompt_len + (canvases + 1) * 256)
+                  max_model_len=prompt_len + (canvases + 1) * 256, compile=compile)
+        res["compile"] = llm.compiled
         max_tokens = canvases * llm.model.config.canvas_length
         for bs in (1, 16):
             r = run_engine(llm, bs, prompt_len, max_tokens, steps, True, repeat, memory=False)

@@ -52,7 +52,8 @@ def build_pack(config: ModelConfig, scheme: str, dst: Path, embedding: str) -> f
 
 
 def measure_released(scheme: str, preset: str, root: Path, dtype: torch.dtype | None, device: str, steps: int,
-                     prompt_len: int, canvases: int, max_model_len: int = 32768, embedding: str = "bf16") -> dict:
+                     prompt_len: int, canvases: int, max_model_len: int = 32768, embedding: str = "bf16",
+                     compile: bool | None = None) -> dict:
     from .checkpoint import load_model
     from .engine.engine import LLM
 
@@ -72,7 +73,8 @@ def measure_released(scheme: str, preset: str, root: Path, dtype: torch.dtype | 
     res["load_s"] = time.perf_counter() - start
     res["rss_after_load_gib"] = rss_gib()
     print(f"loaded in {res['load_s']:.0f} s, RSS {res['rss_after_load_gib']:.2f} GiB", file=sys.stderr, flush=True)
-    llm = LLM(model, tokenizer=None, max_num_seqs=1, max_model_len=max_model_len)
+    llm = LLM(model, tokenizer=None, max_num_seqs=1, max_model_len=max_model_len, compile=compile)
+    res["compile"] = llm.compiled
     res["kv_cache_gib"] = llm.runner.cache.nbytes() / GIB
     res.update(run_request(llm, steps, prompt_len, canvases))
     res["peak_rss_gib"] = peak_rss_gib()

@@ -90,7 +90,8 @@ def measure_released(args, root: Path) -> int:
 
     get_scheme(args.quant).with_embedding(args.embedding)
     res = run_released(args.quant, args.preset, root, None if args.dtype is None else getattr(torch, args.dtype),
-                       args.device, args.steps, args.prompt_len, args.canvases, args.max_model_len, args.embedding)
+                       args.device, args.steps, args.prompt_len, args.canvases, args.max_model_len, args.embedding,
+                       args.compile)
     for key in ("weights_gb", "load_s", "kv_cache_gib", "peak_rss_gib", "step_s", "tok_per_s"):
         print(f"{key:>14}: {res[key]:.3f}")
     print(json.dumps(res, sort_keys=True))
@@ -105,7 +106,7 @@ def measure_quant(args, root: Path) -> int:
     get_scheme(args.quant).with_embedding(args.embedding)      # an unknown scheme fails before any work
     dtype = auto_dtype(args.device) if args.dtype is None else getattr(torch, args.dtype)
     res = run_quant(args.quant, args.preset, root, dtype, args.device, args.steps, args.prompt_len,
-                    args.canvases, args.repeat, args.embedding)
+                    args.canvases, args.repeat, args.embedding, args.compile)
     for key in ("weights_bytes", "weights_bytes_bf16", "quant_speedup_bs1", "quant_speedup_bs16"):
         print(f"{key:>20}: {res[key]:.3f}" if isinstance(res[key], float) else f"{key:>20}: {res[key]}")
     print(json.dumps(res, sort_keys=True))

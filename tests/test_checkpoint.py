@@ -37,6 +37,17 @@ def test_transformers_round_trip_keeps_every_tensor(hf_dirs, tmp_path):
     assert again["text_config"] == first["text_config"] and again["vision_config"] == first["vision_config"]
 
 
+def test_random_weights_do_not_depend_on_the_default_device():
+    """`bench` builds models under `with torch.device(DEVICE)`: the CPU generator's samples must stay
+    on the CPU there (a CUDA default device once failed with a generator-device mismatch)."""
+    expected = init_weights(blockdiff.DiffusionGemma(tiny_config()), seed=2)
+    model = blockdiff.DiffusionGemma(tiny_config())
+    with torch.device("meta"):                         # any default device other than the CPU
+        init_weights(model, seed=2)
+    for (name, a), (_, b) in zip(expected.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_sharded_save_and_load(tmp_path):
     model = init_weights(blockdiff.DiffusionGemma(tiny_config()), seed=1)
     model.save_pretrained(tmp_path / "s", max_shard_bytes=200_000)

@@ -20,7 +20,7 @@ def init_weights(model: DiffusionGemma, std: float = 0.02, seed: int | None = No
             generator.manual_seed(seed)
     for param in model.parameters():
         if param.ndim >= 2:
-            sample = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+            sample = torch.empty(param.shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
             param.copy_(sample.to(param.dtype))
         else:
             param.fill_(1.0)

@@ -19,7 +19,8 @@ Kernels (CPU, torch's own builds):
   zero = 0. Needs N % 16 == 0 and a group size of 32/64/128/256.
 Kernels (CUDA; the chunk ends of grouped experts are read on the host, one sync per call):
 - w8a8: `torch._int_mm` (cuBLASLt int8 x int8 -> int32) on activations quantized per token to 8 bits;
-  needs K and N multiples of 8, and more than 16 rows (fewer are padded with zero rows).
+  needs K and N multiples of 8, and more than 16 rows (fewer are padded with zero rows). Experts: one
+  `_int_mm` per expert writing its int32 rows in place, then one pass applies every scale.
 - w4a16: `_weight_int4pack_mm` (tinygemm) with bf16 activations; the same symmetric nibbles, zero = 0.
   Needs N % 8 == 0, K a multiple of 32 and a group size of 32/64/128/256.
 `select_int8_kernel` / `select_int4_kernel` pick the path from the device and the shape; the CUDA int8
@@ -123,10 +124,11 @@ class Int8Weight:
         xf, s = token_scales(x, 127)
         xq = torch.round(xf / s).to(torch.int8)
         if ends is None:
-            out = self._int_mm(0, xq)
-        else:
-            out = _chunked(xq, ends, self.n, self._int_mm, dtype=torch.float32)
-        return (out * s).to(x.dtype)
+            return (self._int_mm(0, xq) * s).to(x.dtype)
+        acc = self._int_mm_chunks(xq, ends)                              # (M, N) int32
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        scale = torch.repeat_interleave(self.scale[:, 0], counts, dim=0, output_size=xq.shape[0])   # (M, N)
+        return (acc.float() * s * scale).to(x.dtype)
 
     def _int_mm(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         """rows (M, K) int8 -> (M, N) fp32 before the activation scale. cuBLASLt wants > 16 rows."""
@@ -134,6 +136,21 @@ class Int8Weight:
         if m <= 16:
             rows = F.pad(rows, (0, 0, 0, 17 - m))
         return torch._int_mm(rows, self.q[e].t())[:m].float() * self.scale[e]
+
+    def _int_mm_chunks(self, xq: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """xq (M, K) int8 sorted by expert -> (M, N) int32, one `_int_mm` per expert writing in place.
+        A chunk of 16 rows or fewer runs on 17 rows (cuBLASLt's minimum): 17 zero rows follow the last
+        one, and rows past a chunk's end belong to later experts, whose own calls overwrite them."""
+        m = xq.shape[0]
+        xq = F.pad(xq, (0, 0, 0, 17))
+        acc = torch.empty(m + 17, self.n, dtype=torch.int32, device=xq.device)
+        start = 0
+        for e, end in enumerate(ends.tolist()):                        # experts in order: later chunks win
+            if end > start:
+                stop = max(end, start + 17)
+                torch._int_mm(xq[start:stop], self.q[e].t(), out=acc[start:stop])
+            start = end
+        return acc[:m]
 
 
 class Int4Weight:

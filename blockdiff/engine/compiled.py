@@ -22,9 +22,20 @@ def inductor_options(device: torch.device) -> dict:
     return {"cpp_wrapper": True} if device.type == "cpu" else {}
 
 
+def raise_recompile_limit(limit: int = 64) -> None:
+    """Dynamo counts graphs per code object, and every layer of every model shares `project`'s and
+    `feed_forward`'s: layer kinds (their head sizes), dtypes, and batch or length specialised at 1 add
+    up past torch's default of 8 (seen on CUDA in `bench`, whose models run in two dtypes), after
+    which further variants run eager without a word but a warning."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 def compile_model(model: DiffusionGemma) -> DiffusionGemma:
     if getattr(model, "_blockdiff_compiled", False):
         return model
+    raise_recompile_limit()
     options = inductor_options(model.device)
     for layer in model.layers:
         if not layer.experts.compiles_with_layer():

@@ -9,7 +9,8 @@ import numpy as np
 from blockdiff.engine.request import SamplingParams
 from blockdiff.random_model import create_random_model
 from blockdiff.tokenizer import Tokenizer
-from blockdiff.train.evaluate import distinct_ngram_ratio, evaluate, short_answers
+import blockdiff
+from blockdiff.train.evaluate import distinct_ngram_ratio, evaluate, short_answers, top1_agreement
 
 TEXT = ["It is a truth universally acknowledged that a single man must be in want of a wife. " * 3,
         "In the beginning God created the heaven and the earth, and the earth was without form. " * 3,
@@ -40,7 +41,7 @@ def test_evaluate_reports_losses_judge_and_speed(tmp_path):
     (corpus / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 261, "bos_id": 2, "eos_id": 1}))
     judge = UnigramJudge(TEXT)
     res = evaluate(model, corpus, judge, ar_model_dir=ar_model, samples=3, max_tokens=16, val_batches=2,
-                   params=SamplingParams(max_denoising_steps=2), fast_steps=1)
+                   params=SamplingParams(max_denoising_steps=2), fast_steps=1, reference_dir=model)
     assert res["samples"] == 3
     # random weights write noise: the judge must find real text far more likely than the samples
     assert res["judge_ppl_real"] < res["judge_ppl_diffusion"] and res["judge_ppl_real"] < res["judge_ppl_ar"]
@@ -48,6 +49,11 @@ def test_evaluate_reports_losses_judge_and_speed(tmp_path):
     assert res["diffusion_tok_s"] > 0 and res["ar_tok_s"] > 0
     assert res["fast_steps"] == 1 and res["diffusion_tok_s_fast"] > 0 and res["judge_ppl_diffusion_fast"] > 0
     assert res["steps"] == 2 and res["sampler"]["max_denoising_steps"] == 2
+    assert 1.0 <= res["diffusion_steps_per_canvas"] <= 2.0
+    # the model against itself: the same loss, every prediction shared; against another, few shared
+    assert res["reference_val_decoder_loss"] == res["val_decoder_loss"] and res["val_top1_agreement"] == 1.0
+    other = top1_agreement(blockdiff.load_model(model), blockdiff.load_model(ar_model), corpus, 2, 64)
+    assert other < 0.5
     # every row reports its variety
     for row in ("real", "diffusion", "diffusion_fast", "ar"):
         assert 0.0 <= res[f"distinct3_{row}"] <= 1.0 and res[f"short_{row}"] in range(4), row

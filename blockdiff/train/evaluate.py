@@ -176,11 +176,7 @@ def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | N
         model = load_model(model_dir, dtype=torch.float32)          # the stored weights, unrounded
         res.update(validation_losses(model, corpus, "diffusion", val_batches, seq_len))
         if reference_dir is not None:
-            reference = load_model(reference_dir, dtype=torch.float32)
-            res["reference"] = str(reference_dir)
-            res["reference_val_decoder_loss"] = validation_losses(reference, corpus, "diffusion", val_batches,
-                                                                  seq_len)["val_decoder_loss"]
-            res["val_top1_agreement"] = top1_agreement(model, reference, corpus, val_batches, seq_len)
+            res.update(_reference_rows(model, reference_dir, corpus, val_batches, seq_len))
     if ar_model_dir is not None:
         res["ar_model"] = str(ar_model_dir)
         res.update(_ar_rows(ar_model_dir, llm.model.dtype, tokenizer, prompts, judge, max_tokens, ar_temperature))
@@ -188,6 +184,13 @@ def evaluate(model_dir: Path, corpus: Path, judge: Judge, ar_model_dir: Path | N
             ar = load_model(ar_model_dir, dtype=torch.float32)
             res.update({f"ar_{k}": v for k, v in validation_losses(ar, corpus, "ar", val_batches, seq_len).items()})
     return res
+
+
+def _reference_rows(model, reference_dir: Path, corpus: Path, batches: int, seq_len: int) -> dict:
+    reference = load_model(reference_dir, dtype=torch.float32)
+    loss = validation_losses(reference, corpus, "diffusion", batches, seq_len)["val_decoder_loss"]
+    return {"reference": str(reference_dir), "reference_val_decoder_loss": loss,
+            "val_top1_agreement": top1_agreement(model, reference, corpus, batches, seq_len)}
 
 
 def _ar_rows(ar_model_dir: Path, dtype, tokenizer: Tokenizer, prompts: list[str], judge: Judge, max_tokens: int,

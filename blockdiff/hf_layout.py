@@ -9,11 +9,14 @@ Contract:
 - `check_index` holds the shards to their index: every tensor in the shard it names, no others.
 - `save_checkpoint` writes what `transformers.DiffusionGemmaForBlockDiffusion.from_pretrained` reads:
   `config.json` + `model.safetensors`, or shards with `model.safetensors.index.json`.
+- `save_tensors` writes one safetensors file, readable as any new file of this process is (every
+  writer of weight files goes through it).
 This module knows the layout, not the model class, so the model can save itself through it.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -26,6 +29,19 @@ ENC_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_
 VISION = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 OUR_VISION = ("vision_tower.", "embed_vision.")
 TIED = "tied"
+
+
+def process_umask() -> int:
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), 0o022)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' `save_file`, then the file's mode set to what `open` would give (0o666 less the
+    umask): safetensors writes through a private temporary file and keeps its 0o600, which would hide
+    checkpoints from every other user (a server's account, say)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~process_umask())
 
 
 class CheckpointError(ValueError):
@@ -102,12 +118,12 @@ def save_checkpoint(model, path: str | Path, max_shard_bytes: int | None = None)
     for stale in list(path.glob("model*.safetensors")) + [path / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(shards[0], path / "model.safetensors", metadata={"format": "pt"})
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
+        save_tensors(shard, path / name, metadata={"format": "pt"})
         weight_map.update({key: name for key in shard})
         total += sum(t.numel() * t.element_size() for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

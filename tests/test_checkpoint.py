@@ -48,6 +48,22 @@ def test_random_weights_do_not_depend_on_the_default_device():
         assert torch.equal(a, b), name
 
 
+def test_weight_files_take_the_umask_not_a_private_mode(tmp_path):
+    """safetensors writes 0o600 files; checkpoints and packs get the mode of any new file (here 0o640)."""
+    import os
+
+    from blockdiff.quant.convert import quantize
+    old = os.umask(0o027)
+    try:
+        model = init_weights(blockdiff.DiffusionGemma(tiny_config()), seed=1)
+        model.save_pretrained(tmp_path / "m", max_shard_bytes=200_000)
+        quantize(tmp_path / "m", tmp_path / "q", "w8a8", progress=False)
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "m").glob("*.safetensors")) + list((tmp_path / "q").glob("*.safetensors"))
+    assert len(files) > 2 and {f.stat().st_mode & 0o777 for f in files} == {0o640}
+
+
 def test_sharded_save_and_load(tmp_path):
     model = init_weights(blockdiff.DiffusionGemma(tiny_config()), seed=1)
     model.save_pretrained(tmp_path / "s", max_shard_bytes=200_000)

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..config import ModelConfig, read_json_object
 from ..checkpoint import checkpoint_keys, settle_vision
-from ..hf_layout import OUR_VISION, TIED, CheckpointError, to_checkpoint, to_ours, weight_files
+from ..hf_layout import OUR_VISION, TIED, CheckpointError, save_tensors, to_checkpoint, to_ours, weight_files
 from ..model.transformer import DiffusionGemma
 from .ct_config import build_config
 from .scheme import Scheme, WeightArgs, get_scheme, pack_int4, pack_int8, quantize_weight
@@ -218,7 +217,7 @@ def write_shards(plan: Plan, out: Path, shard_bytes: int, progress: bool, produc
         for item in group:
             tensors.update(produce(item))
             bar.update(1)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata={"format": "pt"})
+        save_tensors({k: v.contiguous() for k, v in tensors.items()}, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..checkpoint import load_model, save_checkpoint
+from ..hf_layout import save_tensors
 from ..config import ModelConfig
 from ..model.transformer import DiffusionGemma
 
@@ -48,7 +49,7 @@ def save(path: str | Path, model_state: dict[str, torch.Tensor], config: ModelCo
     save_checkpoint(model, tmp)
     tensors = {f"state.{name}.{key}": value.contiguous() for name, entry in optim_state["state"].items()
                for key, value in entry.items()}
-    save_file(tensors, str(tmp / OPTIM_FILE))
+    save_tensors(tensors, tmp / OPTIM_FILE)
     meta = {"step": step, "tokens": tokens, "param_groups": optim_state["param_groups"], "config": train_config}
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     for name in TOKENIZER_FILES if tokenizer_dir else ():

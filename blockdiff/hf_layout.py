@@ -32,8 +32,12 @@ TIED = "tied"
 
 
 def process_umask() -> int:
-    with open("/proc/self/status") as f:
-        return next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), 0o022)
+    """The umask, read without setting it (`os.umask` would change it for every thread meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), 0o022)
+    except OSError:                     # no procfs: the usual default
+        return 0o022
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:

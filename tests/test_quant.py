@@ -94,16 +94,19 @@ def test_int_mm_path_matches_its_dequantized_reference(monkeypatch, rows):
     assert torch.equal(out, torch.cat([mod(x[i:i + 1]) for i in range(rows)]))     # rows independent
 
 
-def test_int_mm_grouped_chunks_of_any_size(monkeypatch):
-    """The CUDA w8a8 experts: one `_int_mm` per expert writing in place, chunks of <= 16 rows run on 17
-    (rows of later experts, overwritten by their own calls); each expert's rows equal that expert alone."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_int_mm_grouped_chunks_of_any_size(monkeypatch, device):
+    """The CUDA w8a8 experts (on CPU through torch's own _int_mm): one `_int_mm` per expert writing in
+    place, chunks of <= 16 rows run on 17 (rows of later experts, overwritten by their own calls); each
+    expert's rows equal that expert alone. An empty expert, and a short last chunk."""
     from blockdiff.quant import kernels
     monkeypatch.setattr(kernels, "select_int8_kernel", lambda *a: "int-mm")
     torch.manual_seed(5)
-    pairs = [quantize_weight(torch.randn(24, 32) * 0.05, INT8) for _ in range(5)]
-    counts = [1, 0, 16, 17, 3]                                  # an empty expert, and a short last chunk
-    x = torch.randn(sum(counts), 32)
-    ends = torch.tensor(counts).cumsum(0)
+    pairs = [quantize_weight(torch.randn(24, 32, device=device) * 0.05, INT8) for _ in range(5)]
+    counts = [1, 0, 16, 17, 3]
+    x = torch.randn(sum(counts), 32, device=device)
+    ends = torch.tensor(counts, device=device).cumsum(0)
     out = kernels.Int8Weight(iter(pairs)).grouped_mm(x, ends)
     start = 0
     for (q, scale), end in zip(pairs, ends.tolist()):
